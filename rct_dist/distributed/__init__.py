@@ -1,0 +1,19 @@
+"""Who this process is in a data-parallel job, and the collectives the losses need."""
+
+from rct_dist.distributed.collectives import (
+    all_gather_rows,
+    all_gather_stats,
+    all_reduce_sum,
+    is_distributed,
+    world_rank,
+    world_size,
+)
+
+__all__ = [
+    "all_gather_rows",
+    "all_gather_stats",
+    "all_reduce_sum",
+    "is_distributed",
+    "world_rank",
+    "world_size",
+]

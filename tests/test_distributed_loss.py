@@ -1,0 +1,171 @@
+"""The distributed contract: ranks fed slices of a global batch get the single-process gradient.
+
+A model wrapped in DDP, and the same model in a DeepSpeed engine, each rank fed its slice of a
+global batch (slices of unequal size included), must get the parameter gradient that one process
+computes on the whole batch, and the same parameters after 3 SGD steps; the value each rank reports
+is the global loss.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from multiprocess import run_ranks
+from rct_dist.losses import RelaxedContrastiveLoss
+
+STEPS = 3
+IN_DIM, STUDENT_DIM, TEACHER_DIM = 6, 5, 9
+
+LOSSES = {
+    "rc": lambda: RelaxedContrastiveLoss(),
+    "rc_mean_pairs_sigma": lambda: RelaxedContrastiveLoss(sigma=0.5, delta=1.2, reduction="mean_pairs"),
+}
+
+
+def make_student(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN_DIM, 12), nn.Tanh(), nn.Linear(12, STUDENT_DIM)).to(dtype)
+
+
+def make_batches(n: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(n, IN_DIM, generator=g, dtype=dtype), torch.randn(n, TEACHER_DIM, generator=g, dtype=dtype))
+        for _ in range(STEPS)
+    ]
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().flatten() for t in tensors])
+
+
+def run_steps(forward, backward, step, grads, params, batches, loss_fn, rows=slice(None)) -> dict:
+    """STEPS training steps; records the reported loss, the parameter gradient and the parameters."""
+    record = {"losses": [], "grads": [], "params": []}
+    for x, t in batches:
+        loss = loss_fn(forward(x[rows]), t[rows])
+        backward(loss)
+        record["losses"].append(loss.detach().double().reshape(1))
+        record["grads"].append(flat(grads()))
+        step()
+        record["params"].append(flat(params()))
+    return {k: torch.stack(v) for k, v in record.items()}
+
+
+def sgd_run(model: nn.Module, loss_name: str, counts: list[int], dtype: torch.dtype, rows=slice(None)) -> dict:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def backward(loss: torch.Tensor) -> None:
+        opt.zero_grad()
+        loss.backward()
+
+    return run_steps(model, backward, opt.step, lambda: [p.grad for p in model.parameters()], model.parameters,
+                     make_batches(sum(counts), dtype), LOSSES[loss_name](), rows)
+
+
+def rank_rows(rank: int, counts: list[int]) -> slice:
+    start = sum(counts[:rank])
+    return slice(start, start + counts[rank])
+
+
+def single_process(loss_name: str, counts: list[int], dtype: torch.dtype) -> dict:
+    return sgd_run(make_student(dtype), loss_name, counts, dtype)
+
+
+def ddp_rank(rank: int, world: int, loss_name: str, counts: list[int], dtype: torch.dtype) -> dict:
+    model = nn.parallel.DistributedDataParallel(make_student(dtype))
+    return sgd_run(model, loss_name, counts, dtype, rank_rows(rank, counts))
+
+
+def deepspeed_rank(rank: int, world: int, loss_name: str, counts: list[int], dtype: torch.dtype, stage: int) -> dict:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    model = make_student(dtype)
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config
+    )
+    params = lambda: list(engine.module.parameters())  # noqa: E731
+    return run_steps(engine, engine.backward, engine.step, lambda: [safe_get_full_grad(p) for p in params()], params,
+                     make_batches(sum(counts), dtype), LOSSES[loss_name](), rank_rows(rank, counts))
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Norm-wise relative error: elementwise ratios of near-zero gradient entries mean nothing."""
+    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def assert_matches(results: list[dict], reference: dict, rtol: float) -> None:
+    for rank, got in enumerate(results):
+        for key in ("losses", "grads", "params"):
+            for step, (g, r) in enumerate(zip(got[key], reference[key])):
+                err = relative_error(g, r)
+                assert err <= rtol, f"rank {rank} {key} step {step}: relative error {err:.3g} > {rtol}"
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize(
+    "counts,dtype,rtol",
+    [
+        ([6, 6], torch.float64, 1e-10),
+        ([7, 4], torch.float64, 1e-10),
+        ([5, 4, 2], torch.float64, 1e-10),
+        ([4, 4, 3], torch.float32, 1e-5),
+    ],
+    ids=["w2-equal-f64", "w2-unequal-f64", "w3-unequal-f64", "w3-unequal-f32"],
+)
+def test_ddp_matches_single_process(loss_name: str, counts: list[int], dtype: torch.dtype, rtol: float) -> None:
+    reference = single_process(loss_name, counts, dtype)
+    results = run_ranks(ddp_rank, len(counts), loss_name, counts, dtype)
+    assert_matches(results, reference, rtol)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("counts", [[5, 3], [4, 3, 3]], ids=["w2", "w3"])
+def test_deepspeed_matches_single_process(stage: int, counts: list[int]) -> None:
+    reference = single_process("rc", counts, torch.float32)
+    results = run_ranks(deepspeed_rank, len(counts), "rc", counts, torch.float32, stage)
+    assert_matches(results, reference, 1e-5)
+
+
+def test_without_gather_each_rank_uses_its_own_batch() -> None:
+    """gather=False: each rank's value is its local loss, which differs from the global one."""
+    counts = [5, 4]
+    results = run_ranks(_local_loss_rank, 2, counts)
+    x, t = make_batches(sum(counts), torch.float64)[0]
+    for rank, got in enumerate(results):
+        expected = RelaxedContrastiveLoss()(x[rank_rows(rank, counts)], t[rank_rows(rank, counts)])
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    assert not torch.allclose(results[0], RelaxedContrastiveLoss()(x, t))
+
+
+def _local_loss_rank(rank: int, world: int, counts: list[int]) -> torch.Tensor:
+    x, t = make_batches(sum(counts), torch.float64)[0]
+    return RelaxedContrastiveLoss(gather=False)(x[rank_rows(rank, counts)], t[rank_rows(rank, counts)]).detach()
+
+
+def _bad_input_rank(rank: int, world: int) -> str:
+    torch.manual_seed(rank)
+    student, teacher = torch.randn(4, 3), torch.randn(4, 5)
+    if rank == 1:
+        student[2, 0] = float("nan")
+    try:
+        RelaxedContrastiveLoss()(student, teacher)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_nan_on_one_rank_raises_on_every_rank() -> None:
+    messages = run_ranks(_bad_input_rank, 2)
+    assert messages[0] == "rank 1: student contains NaN or Inf"
+    assert messages[1].startswith("student contains NaN or Inf (rows [2])")
