@@ -94,27 +94,38 @@ class PairBatch:
         return all_reduce_sum(x, with_grad) if self.gathered else x
 
 
+def agree_on_inputs(
+    code: int, message: str, problems: tuple[str, ...], stats: list[int], device: torch.device, distributed: bool
+) -> list[list[int]]:
+    """Every rank's `stats` (small integers, e.g. row counts), once all ranks have reported fine inputs.
+
+    A rank with a problem (a nonzero index into `problems`) raises its own detailed `message`; the
+    other ranks raise naming it, so no rank is left waiting in a collective.
+    """
+    if not distributed:
+        if code:
+            raise ValueError(message)
+        return [list(stats)]
+    gathered = all_gather_stats([*stats, code], device)
+    bad = [(rank, s[-1]) for rank, s in enumerate(gathered) if s[-1]]
+    if bad:
+        raise ValueError(message or "; ".join(f"rank {r}: {problems[c]}" for r, c in bad))
+    return [s[:-1] for s in gathered]
+
+
 def build_pair_batch(
     student: torch.Tensor, teacher: torch.Tensor, *, gather: bool, teacher_needs_norm: bool = False
 ) -> PairBatch:
     """Check `student`/`teacher` and gather the global batch (the teacher never carries gradient)."""
     code, message = _local_problem(student, teacher, teacher_needs_norm)
     gathered = gather and is_distributed()
-    if not gathered:
-        if code:
-            raise ValueError(message)
-        counts = [student.shape[0]]
-    else:
-        device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
-        shape = (student.shape[0], student.shape[1], teacher.shape[1]) if code == 0 else (0, 0, 0)
-        stats = all_gather_stats([*shape, code], device)
-        bad = [(rank, s[3]) for rank, s in enumerate(stats) if s[3]]
-        if bad:
-            raise ValueError(message or "; ".join(f"rank {r}: {_PROBLEMS[c]}" for r, c in bad))
-        dims = {(s[1], s[2]) for s in stats}
-        if len(dims) > 1:
-            raise ValueError(f"embedding sizes differ across ranks: (student, teacher) dims {sorted(dims)}")
-        counts = [s[0] for s in stats]
+    shape = [student.shape[0], student.shape[1], teacher.shape[1]] if code == 0 else [0, 0, 0]
+    device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
+    stats = agree_on_inputs(code, message, _PROBLEMS, shape, device, gathered)
+    dims = {(s[1], s[2]) for s in stats}
+    if len(dims) > 1:
+        raise ValueError(f"embedding sizes differ across ranks: (student, teacher) dims {sorted(dims)}")
+    counts = [s[0] for s in stats]
     if sum(counts) < 2:
         raise ValueError(f"a transfer loss needs at least 2 rows in the batch, got {sum(counts)}")
     dtype = compute_dtype(student, teacher)

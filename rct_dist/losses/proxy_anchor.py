@@ -6,7 +6,9 @@ With cos = normalize(X) @ normalize(P).T for embeddings X and one learnable prox
     neg = 1/|C|  sum_{p}       log(1 + sum_{x in X_p-} exp( alpha (cos(x, p) + margin)))
 
 where X_p+ are the embeddings of class p, X_p- the others, and P+ the classes present in the
-batch. This equals the authors' `Proxy_Anchor` (tjddus9597/Proxy-Anchor-CVPR2020, code/losses.py).
+batch. This equals the authors' `Proxy_Anchor` (tjddus9597/Proxy-Anchor-CVPR2020, code/losses.py),
+except that rows are normalised exactly (theirs adds 1e-12 under the square root; zero rows stay
+zero here) and log(1 + sum exp) is evaluated in a shifted form that cannot overflow.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rct_dist.distributed import all_gather_rows, all_gather_stats, is_distributed
-from rct_dist.losses.base import compute_dtype
+from rct_dist.distributed import all_gather_rows, is_distributed
+from rct_dist.losses.base import agree_on_inputs, compute_dtype
 from rct_dist.losses.pairwise import safe_normalize
 
 # Problem codes travel between ranks as integers; index = code.
@@ -51,8 +53,9 @@ class ProxyAnchorLoss(nn.Module):
     and the labels without, and every rank computes the loss of the global batch and returns it
     unscaled. The gather's backward sums the W ranks' (identical) gradients for each rank's rows,
     so rank r's embeddings get W * dL/dX_r and its model W * dL/dtheta_r; the proxies get dL/dP on
-    every rank. The data-parallel engine's averaging over W ranks then leaves exactly the global
-    gradient for both the model (sum_r dL/dtheta_r) and the proxies.
+    every rank (they are replicated, like any parameter). The data-parallel engine's averaging
+    over W ranks then leaves exactly the global gradient for both the model (sum_r dL/dtheta_r)
+    and the proxies.
 
     Inputs are checked on every rank and the verdicts exchanged with the row counts, so a bad
     input on one rank raises the same ValueError on all ranks instead of hanging the others.
@@ -109,16 +112,8 @@ class ProxyAnchorLoss(nn.Module):
         gather's backward sums fp32 gradients, not bf16 ones)."""
         code, message = self._local_problem(embeddings, labels)
         distributed = self.gather and is_distributed()
-        if distributed:
-            stats = all_gather_stats([embeddings.shape[0] if code == 0 else 0, code], self.proxies.device)
-            bad = [(rank, s[1]) for rank, s in enumerate(stats) if s[1]]
-            if bad:
-                raise ValueError(message or "; ".join(f"rank {r}: {_PROBLEMS[c]}" for r, c in bad))
-            counts = [s[0] for s in stats]
-        elif code:
-            raise ValueError(message)
-        else:
-            counts = [embeddings.shape[0]]
+        rows = [embeddings.shape[0] if code == 0 else 0]
+        counts = [s[0] for s in agree_on_inputs(code, message, _PROBLEMS, rows, self.proxies.device, distributed)]
         if sum(counts) < 1:
             raise ValueError("Proxy-Anchor needs at least 1 embedding in the batch, got 0")
         x = embeddings.to(compute_dtype(embeddings, self.proxies))

@@ -62,9 +62,9 @@ class RKDAngleLoss(PairwiseTransferLoss):
     """RKD-A, `loss(student, teacher)`; part `angle`.
 
     The n x n x n angle tensor is never held: this rank's anchors are processed in chunks of c
-    anchors with c * n * (n + dim) <= `chunk_elements` (at least one anchor per chunk), and each
-    chunk is checkpointed, so the backward recomputes its c x n x n angles instead of storing
-    every chunk's. Peak memory is therefore O(chunk_elements), independent of the rank's rows.
+    anchors with c * n * (n + dim) <= `chunk_elements` (dim of the wider embedding; c >= 1), and
+    each chunk is checkpointed, so the backward recomputes its c x n x n angles instead of storing
+    every chunk's: peak memory is a small multiple of `chunk_elements`, whatever the rank's rows.
     Pairs with b == a or c == a give a zero vector and angle 0 for both models, as in the reference.
     """
 
