@@ -4,6 +4,7 @@ Ranks may hold different numbers of rows (the last batch of an epoch); gloo abor
 all_gather sizes, so every gather first pads to the largest rank's row count and trims afterwards.
 The autograd-aware variants are thin `torch.autograd.Function`s around the standard collectives,
 because torch's own autograd collectives are deprecated or private in the versions we support.
+`dist.all_gather` into a list is used because it is the one gather every backend and version has.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+# torch 2.14 renamed reduce_scatter_tensor (and deprecated the old name); older torch has only it.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def is_distributed() -> bool:
@@ -59,16 +64,11 @@ class _GatherRowsWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # nccl runs a real reduce-scatter; gloo (torch >= 2.2) an all-reduce keeping this rank's block.
         grad = grad.contiguous()
-        world, rank = dist.get_world_size(), dist.get_rank()
-        block = grad.shape[0] // world
-        if dist.get_backend() == dist.Backend.NCCL:
-            out = torch.empty((block, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, grad)
-            return out
-        # gloo has no reduce-scatter: sum everything, keep this rank's block.
-        dist.all_reduce(grad)
-        return grad[rank * block : (rank + 1) * block]
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        _reduce_scatter(out, grad)
+        return out
 
 
 def all_gather_rows(x: torch.Tensor, counts: Sequence[int], with_grad: bool) -> torch.Tensor:
