@@ -22,6 +22,14 @@ def _demo(args: argparse.Namespace) -> None:
         os._exit(0)  # gloo threads can abort during interpreter shutdown after a clean run
 
 
+def _make_shards(args: argparse.Namespace) -> None:
+    import json
+
+    from rct_dist.data import shards
+
+    print(json.dumps(shards.run(args), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rct-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=120, help="global batch size")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    from rct_dist.data.shards import add_arguments as add_shard_arguments
+
+    make_shards = sub.add_parser("make-shards", help="write webdataset shards and an index per split from a dataset")
+    add_shard_arguments(make_shards)
+    make_shards.set_defaults(run=_make_shards)
     return parser
 
 

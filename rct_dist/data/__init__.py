@@ -1,0 +1,1 @@
+"""Data: webdataset shards written from real datasets, and the streaming loader that reads them."""
