@@ -1,0 +1,68 @@
+"""Frozen teacher: an EmbeddingModel that can neither train nor receive gradients.
+
+Transfer trains the student only; the teacher's BatchNorm statistics, dropout and weights must stay
+exactly as loaded, whatever a training loop calls (`model.train()` on a parent module included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from rct_dist.models.embedding import EmbeddingModel, build_model
+from rct_dist.models.export import load_exported
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class FrozenTeacher(nn.Module):
+    """Eval mode for good, no gradients; `dtype="bf16"` runs under autocast, embeddings come out fp32."""
+
+    def __init__(self, model: EmbeddingModel, dtype: str = "fp32") -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.model = model.requires_grad_(False)
+        self.dtype = dtype
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """Always eval: `mode` is ignored, so a parent's `.train()` cannot switch the teacher."""
+        return super().train(False)
+
+    @property
+    def config(self) -> dict:
+        return self.model.config
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        autocast_dtype = DTYPES[self.dtype]
+        autocast = (
+            torch.autocast(images.device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), autocast:
+            return self.model(images).float()
+
+    @classmethod
+    def from_timm(
+        cls,
+        backbone: str,
+        embedding_size: int,
+        pretrained_file: str | None = None,
+        pretrained: bool = True,
+        normalize: bool = False,
+        in_chans: int = 3,
+        dtype: str = "fp32",
+    ) -> FrozenTeacher:
+        """Pretrained timm backbone + a fresh orthogonal head (a random rotation/projection of GAP+GMP)."""
+        model = build_model(backbone, embedding_size, pretrained, pretrained_file, normalize, in_chans)
+        return cls(model, dtype)
+
+    @classmethod
+    def from_export(cls, folder: str | os.PathLike, dtype: str = "fp32") -> FrozenTeacher:
+        """A trained teacher from an rct-dist export folder (see export.py)."""
+        return cls(load_exported(folder), dtype)
