@@ -30,6 +30,15 @@ def _make_shards(args: argparse.Namespace) -> None:
     print(json.dumps(shards.run(args), indent=2))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from rct_dist.config import load_config
+    from rct_dist.train.loop import finish, train
+
+    cfg = load_config(args.config, [*args.overrides, f"job={args.command}"])
+    train(cfg)
+    finish()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rct-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=120, help="global batch size")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    for job, text in (("train-teacher", "train a teacher with Proxy-Anchor on labels"),
+                      ("transfer", "transfer a frozen teacher to a student (RC by default)")):
+        p = sub.add_parser(job, help=text, description=f"{text}. Overrides: section.key=value, e.g. optim.lr=3e-4")
+        p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        p.set_defaults(run=_train)
     from rct_dist.data.shards import add_arguments as add_shard_arguments
 
     make_shards = sub.add_parser("make-shards", help="write webdataset shards and an index per split from a dataset")

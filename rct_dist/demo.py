@@ -22,6 +22,7 @@ from torch import nn
 
 from rct_dist.distributed import is_distributed, world_rank, world_size
 from rct_dist.eval import recall_at_k
+from rct_dist.train.task import WithLoss
 from rct_dist.losses import (
     DarkRankLoss,
     PKTLoss,
@@ -51,18 +52,6 @@ def mlp(*widths: int) -> nn.Sequential:
     for a, b in zip(widths[:-1], widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
-
-
-class WithLoss(nn.Module):
-    """Network and criterion in one module, so DDP averages the criterion's parameters (proxies) too."""
-
-    def __init__(self, net: nn.Module, criterion: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.criterion = criterion
-
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.criterion(self.net(x), target)
 
 
 def fit(net: nn.Module, criterion: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int, batch: int,

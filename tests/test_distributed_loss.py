@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from multiprocess import run_ranks
-from rct_dist.demo import WithLoss
+from rct_dist.train.task import WithLoss
 from rct_dist.losses import (
     DarkRankLoss,
     PKTLoss,

@@ -1,0 +1,384 @@
+"""Run configuration: typed sections loaded from YAML, with dotted command-line overrides.
+
+Everything is checked at load, before any process group or data loader starts, because a typo found
+after minutes of start-up on many ranks costs far more than a strict loader. Unknown keys are errors
+(with a close match suggested), not ignored, so a misspelt key can never silently keep its default.
+
+A file may say `base: other.yaml` (relative to itself): the base is loaded first, recursively, and the
+file's keys replace its keys one by one, so a run file holds only what differs. `${ENV}` references in
+path keys (data.root, ...) are expanded at load, so one file serves machines with different data mounts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+JOBS = ("train-teacher", "transfer")
+TEACHER_SOURCES = ("model", "export", "shards")
+TEACHER_DTYPES = ("fp32", "bf16")
+LOSSES = ("rc", "rkd", "pkt", "darkrank", "proxy_anchor")
+METRICS = ("euclidean", "cosine")  # those of rct_dist.eval.neighbours, kept here so loading needs no torch
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    resume: str | None = None  # "auto" (latest checkpoint of this run) or a checkpoint folder
+    overwrite: bool = False
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # shards folder holding <split>/index.json; ${ENV} references are expanded at load
+    train_split: str = "train"
+    eval_split: str = "test"
+    image_size: int = 224
+    views: int = 2
+    pk: list[int] | None = None  # [P, K]: class-balanced batches of P classes x K images
+    batch_size: int = 180  # images per rank per micro-step, views not counted
+    workers: int = 4
+    shuffle_buffer: int = 2000
+    resampled: bool = False
+    samples_per_epoch: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    embedding_size: int = 128
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    normalize: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    source: str = "model"  # "model" | "export" | "shards"
+    backbone: str = "resnet50"
+    embedding_size: int = 512
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    export: str | None = None  # an rct-dist export folder, for source "export"
+    dtype: str = "fp32"
+
+
+@dataclass
+class LossConfig:
+    name: str = "rc"
+    sigma: float = 1.0
+    delta: float = 1.0
+    margin: float = 0.1
+    alpha: float = 32.0
+    supervised_weight: float = 0.0  # > 0 adds Proxy-Anchor on labels to a transfer loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    epochs: int = 40
+    grad_clip: float = 0.0
+    proxy_lr_multiplier: float = 100.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "configs/deepspeed/zero2_bf16.json"  # relative to the repo root, or absolute
+    gradient_accumulation_steps: int = 1
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1  # the last epoch is always evaluated
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    metric: str = "euclidean"
+    batch_size: int = 256
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+    retrieval_images: int = 8
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at epoch ends
+    keep: int = 3
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    job: str = "transfer"  # "train-teacher" | "transfer"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+SECTIONS: dict[str, type] = {
+    name: tp for name, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp)
+}
+_FIELD_TYPES: dict[str, dict[str, Any]] = {name: typing.get_type_hints(tp) for name, tp in SECTIONS.items()}
+# A number PyYAML 1.1 leaves as a string: it only reads 1e-4 as a float when written 1.0e-4.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Path-valued keys: ${ENV} references in them are expanded at load.
+_PATH_KEYS = (
+    ("run", "out_dir"), ("run", "resume"), ("data", "root"), ("model", "pretrained_file"),
+    ("teacher", "pretrained_file"), ("teacher", "export"), ("deepspeed", "config"),
+)
+_POSITIVE = (
+    ("data", "image_size"), ("data", "views"), ("data", "batch_size"),
+    ("data", "samples_per_epoch"), ("model", "embedding_size"), ("teacher", "embedding_size"),
+    ("loss", "sigma"), ("loss", "delta"), ("loss", "alpha"), ("optim", "lr"), ("optim", "epochs"),
+    ("optim", "proxy_lr_multiplier"), ("deepspeed", "gradient_accumulation_steps"),
+    ("eval", "every_epochs"), ("eval", "batch_size"), ("log", "every_steps"), ("checkpoint", "keep"),
+)
+_NON_NEGATIVE = (
+    ("run", "seed"), ("data", "workers"), ("data", "shuffle_buffer"), ("loss", "margin"),
+    ("loss", "supervised_weight"), ("optim", "weight_decay"), ("optim", "warmup_steps"),
+    ("optim", "grad_clip"), ("log", "retrieval_images"), ("checkpoint", "every_steps"),
+)
+_CHOICES = (
+    (("teacher", "source"), TEACHER_SOURCES), (("teacher", "dtype"), TEACHER_DTYPES),
+    (("loss", "name"), LOSSES), (("eval", "metric"), METRICS),
+)
+
+
+def _close(name: str, valid: typing.Sequence[str]) -> str:
+    """' (did you mean X?)' for the closest valid name, compared on the last dotted part."""
+    last = {v.rsplit(".", 1)[-1]: v for v in valid}
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(last), n=1)
+    return f" (did you mean {last[close[0]]!r}?)" if close else ""
+
+
+def _unknown(kind: str, name: str, valid: typing.Sequence[str]) -> ValueError:
+    return ValueError(f"unknown {kind} {name!r}{_close(name, valid)}; valid: {', '.join(valid)}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return tp.__name__
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """`value` as type `tp`, or raise TypeError. Ints pass as floats and numeric strings as floats
+    (YAML 1.1 reads `1e-4` as a string); bools never pass as numbers although Python says bool is int."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg)
+                except TypeError:
+                    pass
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise TypeError
+    if tp is int and isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, tp):
+        return value
+    raise TypeError
+
+
+def _expand_env(key: str, value: str) -> str:
+    def lookup(match: re.Match) -> str:
+        name = match.group(1)
+        if not os.environ.get(name):
+            raise ValueError(f"{key}: environment variable {name} is unset or empty (in {value!r})")
+        return os.environ[name]
+
+    return _ENV.sub(lookup, value)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A validated Config from nested plain data (what a YAML file holds, `base:` already applied)."""
+    top = {"job": str, **SECTIONS}
+    values: dict[str, Any] = {}
+    for name, section in raw.items():
+        if name not in top:
+            raise _unknown("section", str(name), list(top))
+        if name == "job":
+            continue
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise ValueError(f"section {name!r} must be a mapping of keys, got {section!r}")
+        fields = _FIELD_TYPES[name]
+        kwargs = {}
+        for key, value in section.items():
+            if key not in fields:
+                raise _unknown("key", f"{name}.{key}", [f"{name}.{k}" for k in fields])
+            try:
+                kwargs[key] = _coerce(value, fields[key])
+            except TypeError:
+                raise ValueError(
+                    f"{name}.{key}: expected {_type_name(fields[key])}, got {value!r} ({type(value).__name__})"
+                ) from None
+            if (name, key) in _PATH_KEYS and kwargs[key] is not None:
+                kwargs[key] = _expand_env(f"{name}.{key}", kwargs[key])
+        values[name] = SECTIONS[name](**kwargs)
+    job = raw.get("job", Config.job)
+    if not isinstance(job, str):
+        raise ValueError(f"job: expected str, got {job!r} ({type(job).__name__})")
+    config = Config(job=job, **values)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    """Ranges, choices and the cross-field rules the trainer and loader would otherwise fail on later."""
+    def get(section: str, key: str) -> Any:
+        return getattr(getattr(config, section), key)
+
+    for name, value, choices in [("job", config.job, JOBS)] + [
+        (f"{section}.{key}", get(section, key), choices) for (section, key), choices in _CHOICES
+    ]:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}{_close(value, choices)}")
+    for section, key in _POSITIVE:
+        if get(section, key) is not None and get(section, key) <= 0:
+            raise ValueError(f"{section}.{key} must be > 0, got {get(section, key)!r}")
+    for section, key in _NON_NEGATIVE:
+        if get(section, key) < 0:
+            raise ValueError(f"{section}.{key} must be >= 0, got {get(section, key)!r}")
+    if not config.eval.ks or min(config.eval.ks) <= 0:
+        raise ValueError(f"eval.ks must be a non-empty list of positive ints, got {config.eval.ks!r}")
+    pk = config.data.pk
+    if pk is not None:
+        if len(pk) != 2 or min(pk) <= 0:
+            raise ValueError(f"data.pk must be two positive ints [P, K], got {pk!r}")
+        if pk[0] * pk[1] != config.data.batch_size:
+            raise ValueError(
+                f"data.pk={pk} makes batches of {pk[0] * pk[1]} images, not data.batch_size={config.data.batch_size}"
+            )
+    if config.job == "train-teacher" and config.loss.name != "proxy_anchor":
+        raise ValueError(
+            f"job train-teacher learns from labels: loss.name must be proxy_anchor, got {config.loss.name!r}"
+        )
+    if config.job == "transfer":
+        if config.loss.name == "proxy_anchor":
+            raise ValueError("job transfer needs a transfer loss (rc, rkd, pkt, darkrank); for labels use "
+                             "job train-teacher, or loss.supervised_weight > 0 to add Proxy-Anchor")
+        if config.teacher.source == "export" and not config.teacher.export:
+            raise ValueError("teacher.source is export but teacher.export (an rct-dist export folder) is not set")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A config file's mapping with its `base:` chain applied underneath it, section by section."""
+    path = path.resolve()
+    if path in chain:
+        raise ValueError(f"config base cycle: {' -> '.join(str(p) for p in (*chain, path))}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {path} is not valid YAML: {e}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path} must hold a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ValueError(f"config {path}: base must be a path string, got {base!r}")
+    merged = _read_yaml(path.parent / base, (*chain, path))
+    for name, section in raw.items():
+        if isinstance(section, dict) and isinstance(merged.get(name), dict):
+            merged[name] = {**merged[name], **section}
+        else:
+            merged[name] = section
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """`section.key=value` (or `job=value`), the value read as YAML, so `data.pk=[45,2]` is a list.
+
+    A str key keeps the text as written where YAML would read something else (`run.name=007`)."""
+    dotted, sep, text = override.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or not all(parts) or len(parts) > 2 or (len(parts) == 1 and parts[0] != "job"):
+        raise ValueError(f"override {override!r} must look like section.key=value (or job=value)")
+    if len(parts) == 1:
+        raw["job"] = text.strip()
+        return
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {override!r}: value is not valid YAML: {e}") from None
+    section, key = parts
+    tp = _FIELD_TYPES.get(section, {}).get(key)
+    accepts = typing.get_args(tp) or (tp,)
+    if str in accepts and not isinstance(value, str) and not (value is None and type(None) in accepts):
+        value = text.strip()
+    if raw.get(section) is None:
+        raw[section] = {}
+    if isinstance(raw[section], dict):  # anything else is rejected, with its section named, by config_from_dict
+        raw[section][key] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The validated Config of a YAML file (or the defaults if `path` is None) with overrides applied."""
+    raw = _read_yaml(Path(path), ()) if path is not None else {}
+    for override in overrides:
+        _apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested data (for YAML, JSON, TensorBoard hparams); config_from_dict inverts it."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """The resolved config as YAML, written to a temporary file and renamed, so a crash or a
+    concurrent reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine, the one loop for teacher training and transfer, checkpoints, logs."""

@@ -1,0 +1,100 @@
+"""DeepSpeed set-up: process group, ds_config arithmetic, AdamW with warmup + cosine, the engine.
+
+With checkpoint.py, the only place that touches DeepSpeed. The same code runs on CPU (gloo) and
+GPU (nccl): DeepSpeed picks its accelerator, we pick the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def init_distributed() -> None:
+    """Join the job a launcher (deepspeed, torchrun, srun wrapper) describes in the environment;
+    without a launcher, a job of one process (DeepSpeed would otherwise look for MPI)."""
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(path: str | Path, micro_batch: int, accumulation: int, world: int, grad_clip: float) -> dict:
+    """The ds_config file with the batch arithmetic and clipping of this run written in.
+
+    DeepSpeed requires train_batch_size = micro x accumulation x world. The run config owns micro
+    batch and accumulation (they replace the file's placeholders); a file that pins a different
+    train_batch_size is refused here, before start, rather than silently overridden.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+    config = json.loads(path.read_text())
+    total = micro_batch * accumulation * world
+    if config.get("train_batch_size", total) != total:
+        raise ValueError(
+            f"{path}: train_batch_size {config['train_batch_size']} != micro batch {micro_batch} x accumulation "
+            f"{accumulation} x world size {world} = {total}; remove it from the file"
+        )
+    config.update(
+        train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=accumulation, train_batch_size=total
+    )
+    config["gradient_clipping"] = grad_clip  # DeepSpeed's own default is 1.0
+    config.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs for itself
+    return config
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR factor: linear warmup to 1, then cosine to 0 at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(
+    module: nn.Module,
+    ds_config: dict[str, Any],
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+    criterion_lr_multiplier: float = 1.0,
+):
+    """deepspeed.initialize with a torch AdamW (no op build needed) and a warmup + cosine schedule.
+
+    Parameters of `module.criterion` (Proxy-Anchor's proxies) get `criterion_lr_multiplier` x lr,
+    as in the Proxy-Anchor paper.
+    """
+    import deepspeed
+
+    criterion = getattr(module, "criterion", None)
+    criterion_ids = {id(p) for p in criterion.parameters()} if criterion is not None else set()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in criterion_ids], "lr": lr}]
+    extra = [p for p in trainable if id(p) in criterion_ids]
+    if extra:
+        groups.append({"params": extra, "lr": lr * criterion_lr_multiplier})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine

@@ -1,0 +1,267 @@
+"""The one training loop, for teacher training (Proxy-Anchor on labels) and transfer (RC by default).
+
+One batch's way: shards -> loader (k views per image) -> frozen teacher, outside the engine (no grad)
+-> student in the DeepSpeed engine -> loss gathered across ranks -> engine.backward/step -> logs and
+checkpoints. Evaluation embeds the held-out split on every rank, gathers by sample key, and reports
+Recall@K / MAP@R; the best student by R@1 is exported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rct_dist.config import Config, save_config
+from rct_dist.data.loader import ShardIndex, make_loader
+from rct_dist.distributed import world_rank, world_size
+from rct_dist.eval import evaluate, extract_embeddings
+from rct_dist.losses import (
+    DarkRankLoss,
+    PKTLoss,
+    ProxyAnchorLoss,
+    RelaxedContrastiveLoss,
+    RKDAngleLoss,
+    RKDDistanceLoss,
+)
+from rct_dist.models import FrozenTeacher, build_model, export_model
+from rct_dist.train import checkpoint
+from rct_dist.train.engine import build_engine, deepspeed_config, init_distributed
+from rct_dist.train.monitor import Monitor, distance_correlation
+from rct_dist.train.task import TransferTask
+
+
+class RKDLoss(nn.Module):
+    """RKD as its paper and the RC paper's comparison use it: distance + 2 x angle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.distance = RKDDistanceLoss()
+        self.angle = RKDAngleLoss()
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, return_parts: bool = False):
+        d = self.distance(student, teacher)
+        a = self.angle(student, teacher)
+        loss = d + 2.0 * a
+        return (loss, {"distance": d.detach(), "angle": a.detach()}) if return_parts else loss
+
+
+def build_task(cfg: Config, num_classes: int) -> TransferTask:
+    net = build_model(cfg.model.backbone, cfg.model.embedding_size, pretrained=cfg.model.pretrained,
+                      pretrained_file=cfg.model.pretrained_file, normalize=cfg.model.normalize)
+    supervised = None
+    if cfg.job == "train-teacher" or cfg.loss.supervised_weight > 0:
+        supervised = ProxyAnchorLoss(num_classes, cfg.model.embedding_size, margin=cfg.loss.margin,
+                                     alpha=cfg.loss.alpha)
+    if cfg.job == "train-teacher":
+        return TransferTask(net, supervised=supervised)
+    transfer = {
+        "rc": lambda: RelaxedContrastiveLoss(sigma=cfg.loss.sigma, delta=cfg.loss.delta),
+        "rkd": RKDLoss,
+        "pkt": PKTLoss,
+        "darkrank": DarkRankLoss,
+    }[cfg.loss.name]()
+    return TransferTask(net, transfer=transfer, supervised=supervised, supervised_weight=cfg.loss.supervised_weight)
+
+
+def build_teacher(cfg: Config, device: torch.device) -> FrozenTeacher:
+    t = cfg.teacher
+    if t.source == "export":
+        teacher = FrozenTeacher.from_export(t.export, dtype=t.dtype)
+    elif t.source == "model":
+        teacher = FrozenTeacher.from_timm(t.backbone, t.embedding_size, pretrained=t.pretrained,
+                                          pretrained_file=t.pretrained_file, dtype=t.dtype)
+    else:
+        raise ValueError(f"teacher.source {t.source!r} is not supported by the trainer yet (use 'model' or 'export')")
+    return teacher.to(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """The run folder; an existing one is reused only to resume, or replaced only when asked."""
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if world_rank() == 0:
+        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.resume:
+            if not cfg.run.overwrite:
+                raise FileExistsError(
+                    f"run folder {run_dir} exists: pass run.resume=auto to continue it, run.overwrite=true to "
+                    "replace it, or another run.name"
+                )
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if dist.is_initialized():
+        dist.barrier()
+    return run_dir
+
+
+def resume_point(cfg: Config, run_dir: Path) -> Path | None:
+    if not cfg.run.resume:
+        return None
+    if cfg.run.resume == "auto":
+        found = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+        return found[-1][1] if found else None
+    return Path(cfg.run.resume)
+
+
+def _views_flat(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V, C, H, W) views -> (B*V, C, H, W), each view keeping its image's label."""
+    if images.dim() == 5:
+        views = images.shape[1]
+        return images.flatten(0, 1), labels.repeat_interleave(views)
+    return images, labels
+
+
+class _Embedder(nn.Module):
+    """Student embeddings in fp32 from images cast to the engine's dtype."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.net = net
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.to(self.dtype)).float()
+
+
+def _valid_only(batches) -> Iterator[tuple]:
+    for images, labels, keys, valid in batches:
+        yield images[valid], labels[valid], [k for k, ok in zip(keys, valid.tolist()) if ok]
+
+
+def run_evaluation(cfg: Config, net: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    loader = make_loader(Path(cfg.data.root) / cfg.data.eval_split, batch_size=cfg.eval.batch_size, train=False,
+                         image_size=cfg.data.image_size, workers=cfg.data.workers)
+    embeddings, labels, _ = extract_embeddings(_Embedder(net, dtype), _valid_only(loader), device=device)
+    result = evaluate(embeddings, labels, ks=tuple(cfg.eval.ks), metric=cfg.eval.metric, with_nmi=False)
+    result["skipped"] = loader.skipped
+    return result
+
+
+def _export_student(net: nn.Module, folder: Path) -> None:
+    """Every rank calls this (ZeRO-3 must gather the partitioned weights); rank 0 writes."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None):
+        if world_rank() == 0:
+            export_model(net, folder)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run a teacher-training or transfer job to the end; returns the final metrics on rank 0."""
+    init_distributed()
+    rank, world = world_rank(), world_size()
+    run_dir = prepare_run_dir(cfg)
+    monitor = Monitor(run_dir / "tensorboard", enabled=rank == 0, tensorboard=cfg.log.tensorboard)
+    seed_everything(cfg.run.seed)
+    train_index = ShardIndex.load(Path(cfg.data.root) / cfg.data.train_split)
+    task = build_task(cfg, train_index.classes)
+    pk = tuple(cfg.data.pk) if cfg.data.pk else None
+    loader_args = dict(batch_size=cfg.data.batch_size, train=True, image_size=cfg.data.image_size,
+                       views=cfg.data.views, seed=cfg.run.seed, workers=cfg.data.workers,
+                       shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
+                       samples_per_epoch=cfg.data.samples_per_epoch, pk=pk)
+    batches_per_epoch = len(make_loader(train_index, epoch=0, **loader_args))
+    accumulation = cfg.deepspeed.gradient_accumulation_steps
+    total_steps = cfg.optim.epochs * batches_per_epoch // accumulation
+    ds_config = deepspeed_config(cfg.deepspeed.config, cfg.data.batch_size * cfg.data.views, accumulation, world,
+                                 cfg.optim.grad_clip)
+    engine = build_engine(task, ds_config, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps,
+                          total_steps, cfg.optim.proxy_lr_multiplier)
+    device = engine.device
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    teacher = build_teacher(cfg, device) if cfg.job == "transfer" else None
+
+    state = {"epoch": 0, "batch": 0, "best_r1": -1.0}
+    start = resume_point(cfg, run_dir)
+    if start is not None:
+        saved = checkpoint.load(engine, start)
+        state.update({k: saved[k] for k in state})
+        monitor.say(f"resumed from {start} at epoch {state['epoch'] + 1}, batch {state['batch']}")
+
+    metrics: dict[str, Any] = {}
+    step = state["epoch"] * batches_per_epoch + state["batch"]
+    for epoch in range(state["epoch"], cfg.optim.epochs):
+        loader = make_loader(train_index, epoch=epoch, **loader_args)
+        skip = state["batch"] if epoch == state["epoch"] else 0
+        monitor.start_epoch(epoch, cfg.optim.epochs, len(loader), initial=skip)
+        engine.train()
+        waited = computed = 0.0
+        tick = time.perf_counter()
+        for i, (images, labels, _) in enumerate(loader):
+            if i < skip:
+                continue  # the same seeded epoch plan, replayed up to where the checkpoint was taken
+            images, labels = _views_flat(images, labels)
+            images, labels = images.to(device, dtype), labels.to(device)
+            ready = time.perf_counter()
+            target = teacher(images) if teacher is not None else None
+            loss, parts, student_emb = engine(images, labels, target)
+            engine.backward(loss)
+            engine.step()
+            done = time.perf_counter()
+            waited += ready - tick
+            computed += done - ready
+            step = epoch * batches_per_epoch + i + 1
+            if step % cfg.log.every_steps == 0:
+                rate = cfg.log.every_steps * images.shape[0] / (waited + computed)
+                values = {"loss/total": loss.item(), **{f"loss/{k}": v.item() for k, v in parts.items()},
+                          "lr": engine.get_lr()[0], "throughput/samples_per_s": rate * world,
+                          "throughput/samples_per_s_per_device": rate,
+                          "throughput/data_wait_fraction": waited / (waited + computed)}
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                if target is not None:
+                    values["geometry/teacher_student_distance_corr"] = distance_correlation(target, student_emb)
+                monitor.scalars(values, step)
+                waited = computed = 0.0
+            monitor.advance({"loss": f"{loss.item():.4f}"})
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
+                                {**state, "epoch": epoch, "batch": i + 1}, cfg.checkpoint.keep)
+            tick = time.perf_counter()
+        monitor.end_epoch()
+        skipped = loader.skipped
+        if any(skipped.values()):
+            monitor.say(f"epoch {epoch + 1}: rank {rank} skipped unreadable data {skipped}")
+        state.update(epoch=epoch + 1, batch=0)
+        last = epoch + 1 == cfg.optim.epochs
+        if last or (epoch + 1) % cfg.eval.every_epochs == 0:
+            metrics = run_evaluation(cfg, engine.module.net, dtype, device)
+            r1 = metrics["recall"][min(cfg.eval.ks)]
+            monitor.scalars({f"eval/recall@{k}": v for k, v in metrics["recall"].items()}, step)
+            monitor.scalars({"eval/map@r": metrics["map_at_r"]}, step)
+            monitor.say(f"epoch {epoch + 1}: " + "  ".join(f"R@{k} {100 * v:.2f}" for k, v in metrics["recall"].items())
+                        + f"  MAP@R {100 * metrics['map_at_r']:.2f}")
+            if r1 > state["best_r1"]:
+                state["best_r1"] = r1
+                _export_student(engine.module.net, run_dir / "export")
+        checkpoint.save(engine, run_dir / "checkpoints", step, epoch, dict(state), cfg.checkpoint.keep)
+    monitor.close()
+    metrics["best_r1"] = state["best_r1"]
+    return metrics
+
+
+def finish() -> None:
+    """Leave a multi-process job cleanly: gloo threads can abort during interpreter shutdown."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+

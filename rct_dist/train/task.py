@@ -1,0 +1,67 @@
+"""What the engine trains: the network and its criterion in one module.
+
+The criterion sits inside the engine's module so that its parameters (Proxy-Anchor's proxies) are
+optimised, averaged over ranks and partitioned by ZeRO like the network's. The teacher is not in
+here: it is frozen and runs outside the engine, and its embeddings arrive as the forward's target.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class WithLoss(nn.Module):
+    """`forward(x, target) -> loss` for one criterion `criterion(net(x), target)`."""
+
+    def __init__(self, net: nn.Module, criterion: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.criterion = criterion
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.criterion(self.net(x), target)
+
+
+class TransferTask(nn.Module):
+    """Student + transfer loss against teacher embeddings, optionally + a supervised loss on labels.
+
+    `forward(images, labels, teacher_embeddings)` returns `(loss, parts, student_embeddings)`: parts are
+    detached global values for logging; the embeddings (detached) feed the logged teacher/student
+    distance correlation. For teacher training (`transfer=None`) only the supervised loss is used.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        transfer: nn.Module | None = None,
+        supervised: nn.Module | None = None,
+        supervised_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if transfer is None and supervised is None:
+            raise ValueError("a task needs a transfer loss, a supervised loss, or both")
+        self.net = net
+        self.transfer = transfer
+        self.criterion = supervised  # named `criterion` so the engine gives it the proxy learning rate
+        self.supervised_weight = supervised_weight
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        embeddings = self.net(images)
+        total = embeddings.new_zeros((), dtype=torch.float32)
+        parts: dict[str, torch.Tensor] = {}
+        if self.transfer is not None:
+            if teacher is None:
+                raise ValueError("a transfer task needs teacher embeddings")
+            loss, transfer_parts = self.transfer(embeddings, teacher, return_parts=True)
+            total = total + loss
+            parts.update({f"transfer/{k}": v for k, v in transfer_parts.items()})
+            parts["transfer"] = loss.detach()
+        if self.criterion is not None:
+            loss = self.criterion(embeddings, labels)
+            weight = self.supervised_weight if self.transfer is not None else 1.0
+            total = total + weight * loss
+            parts["supervised"] = loss.detach()
+        return total, parts, embeddings.detach()
