@@ -261,3 +261,19 @@ def test_crash_mid_write_leaves_no_partial_shard_and_no_index(tmp_path, monkeypa
     monkeypatch.setattr(images.ArrayImage, "encode", encode)
     summary = make(out, "--source", "digits", "--shard-size", "300")  # resumes: no index, so nothing to protect
     assert summary["splits"]["train"] == {"status": "written", "samples": 901, "classes": 5, "shards": 4, "skipped": 0}
+
+
+def test_samples_are_laid_out_in_shuffled_same_class_runs(tmp_path):
+    """Every full shard mixes classes (each rank and shuffle buffer sees many), in runs of <= 4 of one class."""
+    make(tmp_path, "--source", "digits", "--shard-size", "100")
+    labels = []
+    for shard in sorted((tmp_path / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            shard_labels = [int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")]
+        assert len(shard_labels) < 100 or len(set(shard_labels)) == 5, shard
+        labels += shard_labels
+    runs, length = [], 1
+    for a, b in zip(labels, labels[1:]):
+        runs, length = (runs, length + 1) if a == b else (runs + [length], 1)
+    assert max(runs) < 45  # runs of 4, some adjacent by chance; class order would give 180
+    assert sorted(labels) != labels

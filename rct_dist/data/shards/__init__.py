@@ -62,6 +62,7 @@ def recorded_args(args: argparse.Namespace) -> dict:
         "root": str(args.root.resolve()) if args.root is not None else None,
         "shard_size": args.shard_size,
         "limit_classes": args.limit_classes,
+        "order": "shuffled runs of 4 same-class images, seed 0",  # see plan.make_plan
     }
     if args.source == "folder":
         record.update(split_classes=args.split_classes, split=args.split)

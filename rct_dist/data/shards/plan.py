@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+from itertools import groupby
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
@@ -34,20 +36,27 @@ class SplitPlan:
     samples: list[Sample]
 
 
-def make_plan(listing: Listing, limit_classes: int | None = None) -> SplitPlan:
-    """Sort by (label, source id) and number the samples, so keys never depend on file-system or worker order.
+def make_plan(listing: Listing, limit_classes: int | None = None, group: int = 4, seed: int = 0) -> SplitPlan:
+    """Sort by (label, source id) and number the samples, so keys never depend on file-system or worker order;
+    then lay them out in runs of up to `group` images of one class, the runs in a seeded random order.
 
-    `limit_classes` keeps the first N classes (labels 0..N-1) for tests and quick runs.
+    Streaming readers see only a window of the data (a rank's shards, a shuffle buffer): shards sorted by
+    class would give each rank a few classes, and P x K batches need K images of a class inside the
+    buffer. Shuffled runs of `group` (>= K) same-class images give both. `limit_classes` keeps the first
+    N classes (labels 0..N-1) for tests and quick runs.
     """
     names = listing.class_names[:limit_classes] if limit_classes else listing.class_names
     items = sorted((item for item in listing.items if item[0] < len(names)), key=lambda item: item[:2])
     if not items:
         raise ValueError(f"split {listing.split!r} has no images")
-    return SplitPlan(
-        listing.split,
-        list(names),
-        [
-            Sample(f"{listing.split}-{index:08d}", label, names[label], source, image)
-            for index, (label, source, image) in enumerate(items)
-        ],
-    )
+    samples = [
+        Sample(f"{listing.split}-{index:08d}", label, names[label], source, image)
+        for index, (label, source, image) in enumerate(items)
+    ]
+    runs = [
+        members[i : i + group]
+        for members in (list(g) for _, g in groupby(samples, key=lambda sample: sample.label))
+        for i in range(0, len(members), group)
+    ]
+    random.Random(seed).shuffle(runs)
+    return SplitPlan(listing.split, list(names), [sample for run in runs for sample in run])
