@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 
 def _demo(args: argparse.Namespace) -> None:
-    import torch.distributed as dist
+    from rct_dist.demo import run_demo
+    from rct_dist.distributed import world_rank
+    from rct_dist.train.loop import finish
 
-    from rct_dist.demo import init_from_env, run_demo
-
-    joined = init_from_env()
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    run_demo(steps=args.steps, batch=args.batch, seed=args.seed, say=print if rank0 else lambda _: None)
-    if joined:
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)  # gloo threads can abort during interpreter shutdown after a clean run
+    run_demo(data=args.data, out=args.out, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+             classes=args.classes, dataset=args.dataset, say=lambda text: print(text, flush=True) if world_rank() == 0 else None)
+    finish()
 
 
 def _make_shards(args: argparse.Namespace) -> None:
@@ -42,10 +35,14 @@ def _train(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rct-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a teacher, transfer it with every loss, print Recall@K (offline)")
-    demo.add_argument("--steps", type=int, default=400, help="optimizer steps per model")
-    demo.add_argument("--batch", type=int, default=120, help="global batch size")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="teacher, student from labels, RC and RKD transfer on Omniglot; one table")
+    demo.add_argument("--data", help="folder holding Omniglot (zips or npz); default $RCT_DIST_DATA[/omniglot]")
+    demo.add_argument("--out", default="runs/demo", help="runs, shards and TensorBoard logs go here")
+    demo.add_argument("--dataset", choices=("auto", "omniglot", "digits"), default="auto",
+                      help="auto: Omniglot if found or downloadable, else digits")
+    demo.add_argument("--epochs", type=int, help="epochs per student (default 20 on Omniglot, 3 on digits)")
+    demo.add_argument("--teacher-epochs", type=int, help="(default: as --epochs)")
+    demo.add_argument("--classes", type=int, default=200, help="Omniglot classes per split")
     demo.set_defaults(run=_demo)
     for job, text in (("train-teacher", "train a teacher with Proxy-Anchor on labels"),
                       ("transfer", "transfer a frozen teacher to a student (RC by default)")):
