@@ -106,7 +106,7 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
     if world_rank() == 0:
         parser = argparse.ArgumentParser()
         shards.add_arguments(parser)
-        shards.run(parser.parse_args([*argv, "--out", str(shard_dir), "--shard-size", "250", "--workers", "2"]))
+        shards.run(parser.parse_args([*argv, "--out", str(shard_dir), "--shard-size", "50", "--workers", "2"]))
     if dist.is_initialized():
         dist.barrier()
 
