@@ -93,7 +93,8 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
     teacher_epochs = teacher_epochs or default_epochs
     if omniglot is not None:
         source, argv = "omniglot", ["--source", "omniglot", "--root", str(omniglot), "--limit-classes", str(classes)]
-        data_overrides = ["data.pk=[45,2]", "data.batch_size=90", "data.image_size=28"]
+        p = min(45, classes)  # the paper's 45 classes x 2 images, fewer on a tiny subset
+        data_overrides = [f"data.pk=[{p},2]", f"data.batch_size={2 * p}", "data.image_size=28"]
         say(f"Omniglot from {omniglot}: first {classes} training and {classes} held-out classes")
     else:
         source, argv = "digits", ["--source", "digits"]

@@ -291,6 +291,8 @@ def make_loader(
     index = split if isinstance(split, ShardIndex) else ShardIndex.load(split)
     if not train and (pk or resampled or samples_per_epoch):
         raise ValueError("pk, resampled and samples_per_epoch are for training: eval reads every sample once")
+    if pk and pk[0] > index.classes:
+        raise ValueError(f"pk={pk} needs {pk[0]} classes per batch, but split {index.split!r} has {index.classes}")
     if pk and pk[0] * pk[1] != batch_size:
         raise ValueError(f"pk={pk} makes batches of {pk[0] * pk[1]}, not batch_size={batch_size}")
     rank = world_rank() if rank is None else rank
