@@ -32,6 +32,52 @@ def _train(args: argparse.Namespace) -> None:
     finish()
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from rct_dist.config import load_config
+    from rct_dist.distributed import world_rank
+    from rct_dist.jobs import run_eval
+    from rct_dist.train.loop import finish
+
+    if args.config is None and not (args.export and args.data):
+        raise SystemExit("rct-dist eval: give --config RUN.yaml, or --export FOLDER and --data SPLIT_DIR")
+    result = run_eval(load_config(args.config, args.overrides), export=args.export, data=args.data,
+                      with_nmi=args.nmi)
+    if world_rank() == 0:
+        print(json.dumps(result, indent=2), flush=True)
+    finish()
+
+
+def _embed(args: argparse.Namespace) -> None:
+    import json
+
+    from rct_dist.config import load_config
+    from rct_dist.distributed import world_rank
+    from rct_dist.jobs import run_embed
+    from rct_dist.train.loop import finish
+
+    summary = run_embed(load_config(args.config, args.overrides), args.export, args.data, args.out,
+                        into_shards=args.into_shards, overwrite=args.overwrite)
+    if world_rank() == 0:
+        print(json.dumps(summary, indent=2), flush=True)
+    finish()
+
+
+def _export(args: argparse.Namespace) -> None:
+    from rct_dist.jobs import run_export
+
+    print(run_export(args.run_dir, args.out, args.checkpoint))
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options eval and embed share: loader settings come from a run config and/or overrides."""
+    parser.add_argument("--config", help="run YAML whose data/eval settings (image size, batch size, workers, "
+                        "ks, metric) apply; without it the defaults, changed by overrides")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.image_size=28 eval.batch_size=512")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rct-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     make_shards = sub.add_parser("make-shards", help="write webdataset shards and an index per split from a dataset")
     add_shard_arguments(make_shards)
     make_shards.set_defaults(run=_make_shards)
+    evaluation = sub.add_parser("eval", help="Recall@K and MAP@R of an exported student on a split, as JSON")
+    _add_job_arguments(evaluation)
+    evaluation.add_argument("--export", help="export folder (default: the run's runs/<name>/export)")
+    evaluation.add_argument("--data", help="split folder holding index.json (default: the run's eval split)")
+    evaluation.add_argument("--nmi", action="store_true", help="also NMI (k-means: slow on many classes)")
+    evaluation.set_defaults(run=_eval)
+    embed = sub.add_parser("embed", help="embeddings.npy, labels.npy, keys.txt of a split; optionally new shards "
+                           "carrying them as stored teacher embeddings")
+    _add_job_arguments(embed)
+    embed.add_argument("--export", required=True, help="export folder of the embedding model")
+    embed.add_argument("--data", required=True, help="split folder holding index.json")
+    embed.add_argument("--out", required=True, help="folder for embeddings.npy, labels.npy and keys.txt")
+    embed.add_argument("--into-shards", help="also write a copy of the split here, each sample with teacher.npy "
+                       "(for teacher.source: shards)")
+    embed.add_argument("--overwrite", action="store_true", help="replace a split already in --into-shards")
+    embed.set_defaults(run=_embed)
+    export = sub.add_parser("export", help="export a run's student from a DeepSpeed checkpoint")
+    export.add_argument("--run", dest="run_dir", required=True, help="run folder (holds config.yaml and checkpoints/)")
+    export.add_argument("--out", help="export folder (default: RUN/export-<tag>)")
+    export.add_argument("--checkpoint", default="auto", help="auto: the newest complete checkpoint; or a tag folder")
+    export.set_defaults(run=_export)
     return parser
 
 

@@ -17,6 +17,10 @@ rank computes the same plan without communicating (`plan_epoch`):
 Batches are made in the main process from the workers' samples (`unbatched` then `batched`), which
 is what lets batch counts, padding and P x K class balance be exact whatever the worker count.
 
+Samples may carry a stored teacher embedding, `teacher.npy` (written by `rct-dist embed --into-shards`,
+announced by `"teacher": {"dim": ...}` in index.json): `teacher_embeddings=True` adds it to every batch
+as a (B, dim) float32 tensor, after the keys. It is decoded with `np.load(..., allow_pickle=False)`.
+
 Unreadable data neither stops training nor passes silently: a truncated or unreadable shard is read
 up to the damage (one or two `read_errors`: webdataset reports the broken member and the broken
 stream), a corrupt or incomplete sample is dropped (`samples`). Each is logged from the worker and
@@ -27,6 +31,7 @@ in eval they show as fewer `valid` rows than the index's sample count.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -38,6 +43,7 @@ from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "rct-dist-shards/1"
 SKIP_KINDS = ("read_errors", "samples")  # shard-level errors, dropped samples
+TEACHER_FIELD = "teacher.npy"  # a sample's stored teacher embedding
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class ShardIndex:
     shard_samples: tuple[int, ...]
     classes: int
     class_names: tuple[str, ...]
+    teacher_dim: int | None = None  # size of the samples' stored teacher embeddings, if they carry one
 
     @property
     def samples(self) -> int:
@@ -83,7 +91,9 @@ class ShardIndex:
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{index_file} lists {len(missing)} missing shard(s): {missing[:5]}")
-        return cls(directory, meta["split"], shards, counts, int(meta["classes"]), tuple(meta["class_names"]))
+        teacher = meta.get("teacher")
+        return cls(directory, meta["split"], shards, counts, int(meta["classes"]), tuple(meta["class_names"]),
+                   int(teacher["dim"]) if teacher else None)
 
 
 @dataclass(frozen=True)
@@ -171,8 +181,17 @@ class Views:
         return torch.stack([self.transform(image) for _ in range(self.k)])
 
 
+def decode_teacher(data: bytes) -> torch.Tensor:
+    """A stored teacher embedding: one float32 vector in .npy bytes, never unpickled."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype != np.float32 or array.ndim != 1:
+        raise ValueError(f"{TEACHER_FIELD} must hold a 1-D float32 array, got {array.dtype} {array.shape}")
+    return torch.from_numpy(array)
+
+
 def collate(samples: Sequence[tuple]) -> tuple:
-    """Tuples of (image, label, key[, valid]) -> (stacked images, label tensor, list of keys[, mask])."""
+    """Tuples of (image, label, key[, teacher][, valid]) -> (stacked images, label tensor, list of keys
+    [, stacked teacher embeddings][, mask])."""
     columns = list(zip(*samples))
     return tuple(
         torch.stack(c) if isinstance(c[0], torch.Tensor) else list(c) if isinstance(c[0], str) else torch.tensor(c)
@@ -236,7 +255,7 @@ def _class_balanced(samples: Iterable[tuple], p: int, k: int, buffer: int, seed:
 
 
 class ShardLoader:
-    """Iterable of batches for one epoch: (images, labels, keys) for train, plus `valid` for eval."""
+    """Iterable of batches for one epoch: (images, labels, keys[, teacher]) for train, plus `valid` for eval."""
 
     def __init__(self, batches: wds.WebLoader, plan: EpochPlan, skips: SkipCounter):
         self._batches, self.plan, self._skips = batches, plan, skips
@@ -279,6 +298,7 @@ def make_loader(
     rank: int | None = None,
     world: int | None = None,
     transform: Callable[[Any], torch.Tensor] | None = None,
+    teacher_embeddings: bool = False,
 ) -> ShardLoader:
     """Batches of one epoch of a split, for this rank (`batch_size` is per rank).
 
@@ -287,8 +307,13 @@ def make_loader(
     encoded-sample shuffle in each worker and the P x K pool of decoded images in the main process;
     train also mixes workers in a main-process buffer of batch_size x workers decoded images. Rank and
     world default to the torch.distributed process group. Build one loader per epoch.
+    `teacher_embeddings=True` adds each sample's stored teacher embedding after the keys, (B, dim)
+    float32: one per image, shared by its views.
     """
     index = split if isinstance(split, ShardIndex) else ShardIndex.load(split)
+    if teacher_embeddings and index.teacher_dim is None:
+        raise ValueError(f"split {index.split!r} ({index.directory}) holds no teacher embeddings: its index.json "
+                         "has no 'teacher' entry; write them with `rct-dist embed --into-shards`")
     if not train and (pk or resampled or samples_per_epoch):
         raise ValueError("pk, resampled and samples_per_epoch are for training: eval reads every sample once")
     if pk and pk[0] > index.classes:
@@ -302,6 +327,7 @@ def make_loader(
     skips = SkipCounter(workers)
     stream_seed = wds.utils.make_seed(seed, epoch, rank)
     urls = [str(index.directory / s) for s in plan.shards]
+    fields = ("png;jpg", "cls", "__key__", *((TEACHER_FIELD,) if teacher_embeddings else ()))
     if resampled:
         source = [wds.ResampledShards(urls, seed=seed + epoch, deterministic=True,
                                       worker_seed=partial(_stream_seed, rank))]
@@ -311,8 +337,8 @@ def make_loader(
         *source,
         wds.tarfile_to_samples(handler=skips.read_error),
         wds.shuffle(shuffle_buffer, seed=stream_seed) if train else None,  # encoded bytes: cheap to hold
-        wds.decode("pil", handler=skips.sample),
-        wds.to_tuple("png;jpg", "cls", "__key__", handler=skips.sample),
+        wds.decode(wds.handle_extension(TEACHER_FIELD, decode_teacher), "pil", handler=skips.sample),
+        wds.to_tuple(*fields, handler=skips.sample),
         wds.map_tuple(Views(transform or build_transform(image_size, train), views), handler=skips.sample),
         wds.batched(batch_size, collation_fn=collate, partial=True),  # fewer, larger IPC transfers
     )

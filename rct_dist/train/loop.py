@@ -37,6 +37,7 @@ from rct_dist.models import FrozenTeacher, build_model, export_model
 from rct_dist.train import checkpoint
 from rct_dist.train.engine import build_engine, deepspeed_config, init_distributed
 from rct_dist.train.monitor import Monitor, distance_correlation
+from rct_dist.train.retrieval_picture import ThumbnailCache, retrieval_picture
 from rct_dist.train.task import TransferTask
 
 
@@ -73,15 +74,22 @@ def build_task(cfg: Config, num_classes: int) -> TransferTask:
     return TransferTask(net, transfer=transfer, supervised=supervised, supervised_weight=cfg.loss.supervised_weight)
 
 
-def build_teacher(cfg: Config, device: torch.device) -> FrozenTeacher:
+def build_teacher(cfg: Config, device: torch.device) -> FrozenTeacher | None:
+    """The frozen teacher model; None for `teacher.source: shards`, whose embeddings come with the batches.
+
+    A stored (black-box) teacher embedded each image once, not each augmented view: every view of an
+    image gets that one embedding, as every view gets the image's label.
+    """
     t = cfg.teacher
+    if t.source == "shards":
+        return None
     if t.source == "export":
         teacher = FrozenTeacher.from_export(t.export, dtype=t.dtype)
     elif t.source == "model":
         teacher = FrozenTeacher.from_timm(t.backbone, t.embedding_size, pretrained=t.pretrained,
                                           pretrained_file=t.pretrained_file, dtype=t.dtype)
     else:
-        raise ValueError(f"teacher.source {t.source!r} is not supported by the trainer yet (use 'model' or 'export')")
+        raise ValueError(f"teacher.source {t.source!r} is not supported (use 'model', 'export' or 'shards')")
     return teacher.to(device)
 
 
@@ -118,12 +126,13 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     return Path(cfg.run.resume)
 
 
-def _views_flat(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, V, C, H, W) views -> (B*V, C, H, W), each view keeping its image's label."""
+def _views_flat(images: torch.Tensor, *per_image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, V, C, H, W) views -> (B*V, C, H, W), each view keeping its image's rows of `per_image`
+    (label, stored teacher embedding)."""
     if images.dim() == 5:
         views = images.shape[1]
-        return images.flatten(0, 1), labels.repeat_interleave(views)
-    return images, labels
+        return images.flatten(0, 1), *(t.repeat_interleave(views, dim=0) for t in per_image)
+    return images, *per_image
 
 
 class _Embedder(nn.Module):
@@ -146,9 +155,14 @@ def _valid_only(batches) -> Iterator[tuple]:
 def run_evaluation(cfg: Config, net: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     loader = make_loader(Path(cfg.data.root) / cfg.data.eval_split, batch_size=cfg.eval.batch_size, train=False,
                          image_size=cfg.data.image_size, workers=cfg.data.workers)
-    embeddings, labels, _ = extract_embeddings(_Embedder(net, dtype), _valid_only(loader), device=device)
+    cache = ThumbnailCache()
+    embeddings, labels, keys = extract_embeddings(_Embedder(net, dtype), cache.watch(_valid_only(loader)),
+                                                  device=device)
     result = evaluate(embeddings, labels, ks=tuple(cfg.eval.ks), metric=cfg.eval.metric, with_nmi=False)
     result["skipped"] = loader.skipped
+    if cfg.log.retrieval_images:  # a collective: every rank takes part, rank 0 gets the picture
+        result["retrieval_picture"] = retrieval_picture(embeddings, labels, keys, cache, n=cfg.log.retrieval_images,
+                                                        metric=cfg.eval.metric)
     return result
 
 
@@ -174,7 +188,8 @@ def train(cfg: Config) -> dict[str, Any]:
     loader_args = dict(batch_size=cfg.data.batch_size, train=True, image_size=cfg.data.image_size,
                        views=cfg.data.views, seed=cfg.run.seed, workers=cfg.data.workers,
                        shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
-                       samples_per_epoch=cfg.data.samples_per_epoch, pk=pk)
+                       samples_per_epoch=cfg.data.samples_per_epoch, pk=pk,
+                       teacher_embeddings=cfg.job == "transfer" and cfg.teacher.source == "shards")
     batches_per_epoch = len(make_loader(train_index, epoch=0, **loader_args))
     accumulation = cfg.deepspeed.gradient_accumulation_steps
     total_steps = cfg.optim.epochs * batches_per_epoch // accumulation
@@ -202,13 +217,13 @@ def train(cfg: Config) -> dict[str, Any]:
         engine.train()
         waited = computed = 0.0
         tick = time.perf_counter()
-        for i, (images, labels, _) in enumerate(loader):
+        for i, (images, labels, _, *stored) in enumerate(loader):
             if i < skip:
                 continue  # the same seeded epoch plan, replayed up to where the checkpoint was taken
-            images, labels = _views_flat(images, labels)
+            images, labels, *stored = _views_flat(images, labels, *stored)
             images, labels = images.to(device, dtype), labels.to(device)
             ready = time.perf_counter()
-            target = teacher(images) if teacher is not None else None
+            target = teacher(images) if teacher is not None else stored[0].to(device) if stored else None
             loss, parts, student_emb = engine(images, labels, target)
             engine.backward(loss)
             engine.step()
@@ -245,6 +260,9 @@ def train(cfg: Config) -> dict[str, Any]:
             r1 = metrics["recall"][min(cfg.eval.ks)]
             monitor.scalars({f"eval/recall@{k}": v for k, v in metrics["recall"].items()}, step)
             monitor.scalars({"eval/map@r": metrics["map_at_r"]}, step)
+            picture = metrics.pop("retrieval_picture", None)
+            if picture is not None:
+                monitor.image("eval/retrieval", picture, step)
             monitor.say(f"epoch {epoch + 1}: " + "  ".join(f"R@{k} {100 * v:.2f}" for k, v in metrics["recall"].items())
                         + f"  MAP@R {100 * metrics['map_at_r']:.2f}")
             if r1 > state["best_r1"]:

@@ -1,0 +1,229 @@
+"""Jobs around a trained student: `eval` (retrieval metrics of an export), `embed` (an export's embeddings
+of a split, optionally stored in a copy of the split's shards) and `export` (a student from any checkpoint).
+
+`eval` and `embed` run on one process or on every rank of a launcher's job (torchrun, deepspeed): each
+rank embeds the shards it owns and `extract_embeddings` gathers the rows by key, so the result does not
+depend on the number of ranks. Stored embeddings are how a black-box teacher's view of the data travels
+with it: `teacher.source: shards` trains against them without running any teacher model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+
+from rct_dist.config import Config, load_config
+from rct_dist.data.loader import TEACHER_FIELD, ShardIndex, make_loader
+from rct_dist.data.shards.writer import INDEX, atomic_write, clean_temp_files
+from rct_dist.distributed import all_gather_stats, world_rank, world_size
+from rct_dist.eval import evaluate, extract_embeddings
+from rct_dist.models import EmbeddingModel, export_model, load_exported
+from rct_dist.train import checkpoint
+from rct_dist.train.engine import init_distributed
+from rct_dist.train.loop import _valid_only, build_task
+
+Embedded = tuple[torch.Tensor, torch.Tensor, list[str]]  # embeddings (N, dim) fp32, labels (N,), keys
+
+
+def _device() -> torch.device:
+    """This rank's accelerator (the one LOCAL_RANK names), or the CPU; nccl gathers need it set."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    accelerator.set_device(local)
+    return torch.device(accelerator.device_name(local))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def embed_split(export: Path, split: Path, cfg: Config, device: torch.device) -> Embedded:
+    """Every readable sample of `split`, embedded once by the exported student, on every rank, sorted by key.
+
+    The loader settings (image size, eval batch size, workers) come from `cfg`, as in the trainer's
+    evaluation, so an export is measured exactly as its run measured it.
+    """
+    model = load_exported(export).to(device)
+    loader = make_loader(split, batch_size=cfg.eval.batch_size, train=False, image_size=cfg.data.image_size,
+                         workers=cfg.data.workers)
+    embeddings, labels, keys = extract_embeddings(model, _valid_only(loader), device=device)
+    return embeddings.cpu(), labels.cpu(), keys
+
+
+def run_eval(cfg: Config, export: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+             with_nmi: bool = False) -> dict[str, Any]:
+    """Recall@K, MAP@R (and NMI) of an export on a split; by default the run's export on its eval split."""
+    init_distributed()
+    export = Path(export) if export else Path(cfg.run.out_dir) / cfg.run.name / "export"
+    data = Path(data) if data else Path(cfg.data.root) / cfg.data.eval_split
+    embeddings, labels, keys = embed_split(export, data, cfg, _device())
+    metrics = evaluate(embeddings, labels, ks=tuple(cfg.eval.ks), metric=cfg.eval.metric, with_nmi=with_nmi)
+    return {"export": str(export), "data": str(data), "samples": len(keys), **metrics}
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda stream: np.save(stream, array, allow_pickle=False))
+
+
+def write_embeddings(out: Path, embedded: Embedded) -> None:
+    """embeddings.npy (float32), labels.npy (int64) and keys.txt (one per line, same order), each atomic."""
+    embeddings, labels, keys = embedded
+    out.mkdir(parents=True, exist_ok=True)
+    _save_npy(out / "embeddings.npy", embeddings.numpy().astype(np.float32, copy=False))
+    _save_npy(out / "labels.npy", labels.numpy().astype(np.int64, copy=False))
+    text = "".join(f"{key}\n" for key in keys).encode("utf-8")
+    atomic_write(out / "keys.txt", lambda stream: stream.write(text))
+
+
+def _npy_bytes(vector: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, vector, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def copy_shard_with_teacher(source: Path, target: Path, teacher: dict[str, np.ndarray]) -> int:
+    """Write `target`: the samples of `source` byte for byte plus their `teacher.npy`; returns the count.
+
+    Samples without an embedding (unreadable when embedded) are left out, and so is whatever lies
+    behind damage in the source shard (warned, as the loader does).
+    """
+    written = 0
+
+    def fill(stream: BinaryIO) -> None:
+        nonlocal written
+        sink = wds.TarWriter(stream, mtime=0.0)  # fixed mtime, as make-shards: same input, same bytes
+        try:
+            samples = wds.DataPipeline(wds.SimpleShardList([str(source)]),
+                                       wds.tarfile_to_samples(handler=wds.warn_and_continue))
+            for sample in samples:
+                vector = teacher.get(sample["__key__"])
+                if vector is None:
+                    continue
+                fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+                sink.write({"__key__": sample["__key__"], **fields, TEACHER_FIELD: _npy_bytes(vector)})
+                written += 1
+        finally:
+            sink.close()
+
+    atomic_write(target, fill)
+    return written
+
+
+def _check_shard_target(split: Path, target: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to write into the split being read or over finished shards."""
+    if target.resolve() == split.resolve():
+        raise ValueError(f"--into-shards {target} is the split being read: give a new folder")
+    if (target / INDEX).exists() and not overwrite:
+        raise FileExistsError(f"{target} already holds a split (index.json); pass --overwrite to replace it")
+
+
+def write_teacher_shards(index: ShardIndex, embedded: Embedded, target: Path, export: Path,
+                         device: torch.device) -> dict[str, Any]:
+    """A copy of the split with each sample's embedding as `teacher.npy`, and its index.json.
+
+    Rank r copies shards r, r + world, ...; rank 0 writes the index last (as make-shards does, its
+    presence means the split is complete), with "teacher": {"dim", "export"} added.
+    """
+    embeddings, _, keys = embedded
+    if world_rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        clean_temp_files(target)
+        (target / INDEX).unlink(missing_ok=True)
+    _barrier()
+    teacher = dict(zip(keys, embeddings.numpy().astype(np.float32, copy=False)))
+    counts = [0] * len(index.shards)
+    for i in range(world_rank(), len(index.shards), world_size()):
+        counts[i] = copy_shard_with_teacher(index.directory / index.shards[i], target / index.shards[i], teacher)
+    counts = [sum(column) for column in zip(*all_gather_stats(counts, device))]
+    meta = json.loads((index.directory / INDEX).read_text(encoding="utf-8"))
+    meta.update(shards=list(index.shards), shard_samples=counts, samples=sum(counts),
+                teacher={"dim": int(embeddings.shape[1]), "export": str(export.resolve())},
+                copied_from=str(index.directory.resolve()))
+    if world_rank() == 0:
+        text = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
+        atomic_write(target / INDEX, lambda stream: stream.write(text))
+    return {"out": str(target), "shards": len(counts), "samples": sum(counts)}
+
+
+def run_embed(cfg: Config, export: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+              into_shards: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """An export's embeddings of a split, written to `out` (rank 0), and optionally into new shards."""
+    init_distributed()
+    export, data, out = Path(export), Path(data), Path(out)
+    index = ShardIndex.load(data)
+    if into_shards is not None:
+        _check_shard_target(data, Path(into_shards), overwrite)
+    device = _device()
+    embedded = embed_split(export, data, cfg, device)
+    if world_rank() == 0:
+        write_embeddings(out, embedded)
+    summary: dict[str, Any] = {"out": str(out), "samples": len(embedded[2]), "dim": int(embedded[0].shape[1]),
+                               "index_samples": index.samples}
+    if into_shards is not None:
+        summary["shards"] = write_teacher_shards(index, embedded, Path(into_shards), export, device)
+    _barrier()
+    return summary
+
+
+def checkpoint_folder(run_dir: Path, tag: str = "auto") -> Path:
+    """The newest complete checkpoint of a run ("auto"), or the given tag folder if it is complete."""
+    if tag == "auto":
+        found = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+        return found[-1][1]
+    folder = Path(tag)
+    if not (folder / checkpoint.MARKER).is_file():
+        raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {checkpoint.MARKER} file)")
+    return folder
+
+
+def checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of the engine's module, read with the weights-only unpickler.
+
+    ZeRO 1-3 (and bf16) checkpoints hold the fp32 weights as optimizer partitions, which DeepSpeed's
+    zero_to_fp32 consolidates; a ZeRO-0 checkpoint has no partitions and holds the module whole (in the
+    training dtype: exact for fp32 runs).
+    """
+    with checkpoint.weights_only_loads():
+        if any(folder.glob("*_optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        return torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+
+
+def student_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> EmbeddingModel:
+    """The run's student as the trainer built it, holding `state`'s weights.
+
+    Pretrained weights are not fetched (the checkpoint replaces them); the whole task is loaded
+    strictly, so a checkpoint of a different model or run fails with the mismatching keys named.
+    """
+    model = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None)
+    proxies = state.get("criterion.proxies")
+    task = build_task(dataclasses.replace(cfg, model=model), len(proxies) if proxies is not None else 1)
+    task.load_state_dict(state)
+    return task.net
+
+
+def run_export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, tag: str = "auto") -> Path:
+    """Export the student of a run's checkpoint; default folder `<run>/export-<tag>` (not the best export)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    folder = checkpoint_folder(run_dir, tag)
+    net = student_from_state(cfg, checkpoint_state(folder))
+    return export_model(net, Path(out) if out else run_dir / f"export-{folder.name}")
