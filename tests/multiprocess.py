@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rct_dist.distributed import free_port
+
 
 def _worker(rank: int, world: int, tmp: str, fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(
@@ -37,21 +39,13 @@ def _worker(rank: int, world: int, tmp: str, fn: Callable[..., Any], args: tuple
     os._exit(code)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 300) -> list[Any]:
     """fn(rank, world, *args) on `world` gloo ranks; returns each rank's result, in rank order.
 
     Raises with every failing rank's traceback if any rank fails.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["RCT_TEST_PORT"] = str(_free_port())  # for libraries that insist on env:// (DeepSpeed)
+        os.environ["RCT_TEST_PORT"] = str(free_port())  # for libraries that insist on env:// (DeepSpeed)
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker, args=(r, world, tmp, fn, args)) for r in range(world)]
         for p in procs:

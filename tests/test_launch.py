@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from rct_dist.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -56,12 +57,6 @@ rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 exit $rc
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
@@ -122,7 +117,7 @@ ARGV = ["transfer", "--config", "a b.yaml", "optim.lr=3e-4", "x=$(echo no)"]  # 
 
 
 def test_accelerate_launcher_two_processes(probe_env):
-    env = {**probe_env, "NUM_PROCESSES": "2", "MASTER_PORT": str(_free_port())}
+    env = {**probe_env, "NUM_PROCESSES": "2", "MASTER_PORT": str(free_port())}
     probes = _probes(_run(["bash", str(LAUNCH / "accelerate.sh"), *ARGV], env), env)
     _check_two_ranks(probes, ARGV)
     assert {p["LOCAL_RANK"] for p in probes} == {"0", "1"}
@@ -135,7 +130,7 @@ def test_torchrun_single_node_two_processes(probe_env):
 
 def test_torchrun_two_nodes_on_localhost(probe_env):
     """NNODES=2, one process per 'node', both nodes on this machine (static rendezvous)."""
-    port = str(_free_port())
+    port = str(free_port())
     base = {**probe_env, "NNODES": "2", "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     cmd = ["bash", str(LAUNCH / "torchrun.sh"), *ARGV]
     procs = [subprocess.Popen(cmd, env={**base, "NODE_RANK": str(r)}, cwd=ROOT, stdout=subprocess.PIPE,
@@ -162,14 +157,14 @@ def test_deepspeed_launcher_no_ssh_two_nodes_on_localhost(probe_env, tmp_path):
     """HOSTFILE + NODE_RANK (--no_ssh): each 'node' started by hand, both on this machine."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\nlocalhost slots=1\n127.0.0.1 slots=1\n")
-    env = {**probe_env, "HOSTFILE": str(hostfile), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**probe_env, "HOSTFILE": str(hostfile), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     probes = _two_nodes("deepspeed.sh", env, {"NODE_RANK": ""})
     _check_two_ranks(probes, ARGV)
 
 
 def test_accelerate_two_machines_on_localhost(probe_env):
     env = {**probe_env, "NUM_MACHINES": "2", "NUM_PROCESSES": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     _check_two_ranks(_two_nodes("accelerate.sh", env, {"MACHINE_RANK": ""}), ARGV)
 
 
@@ -181,7 +176,7 @@ def test_slurm_batch_script_with_stand_in_srun(probe_env, tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = {**probe_env, "PATH": f"{bin_dir}{os.pathsep}{probe_env['PATH']}", "SLURM_NTASKS": "2", "SLURM_NNODES": "1",
-           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(_free_port())}
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(free_port())}
     probes = _probes(_run(["bash", str(LAUNCH / "slurm.sbatch"), *ARGV], env), env)
     _check_two_ranks(probes, ARGV)
     assert all(p["MASTER_ADDR"] == "127.0.0.1" and p["LOCAL_RANK"] == str(p["rank"]) for p in probes)
@@ -194,7 +189,7 @@ def test_slurm_batch_script_with_stand_in_srun(probe_env, tmp_path):
 
 def test_deepspeed_launcher_runs_the_demo_on_two_processes(tmp_path):
     """The real thing: `rct-dist demo` (4 short trainings through deepspeed.initialize) on 2 gloo processes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUM_GPUS": "2", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUM_GPUS": "2", "MASTER_PORT": str(free_port()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RCT_DIST_ENTRY", None)
     out = _run(["bash", str(LAUNCH / "deepspeed.sh"), "demo", "--dataset", "digits", "--epochs", "1",
