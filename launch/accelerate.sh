@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run an rct-dist subcommand under `accelerate launch`, used as a launcher only (see the comments in
-# launch/accelerate_deepspeed.yaml: the trainer drives DeepSpeed itself; accelerate runs torchrun).
+# launch/accelerate.yaml: the trainer drives DeepSpeed itself; accelerate runs torchrun).
 #
 #   One node, 8 GPUs (the yaml's default num_processes):
 #     launch/accelerate.sh transfer --config configs/cub/compression.yaml
@@ -10,7 +10,7 @@
 #     NUM_MACHINES=2 MACHINE_RANK=0 NUM_PROCESSES=16 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 \
 #       launch/accelerate.sh transfer --config configs/imagenet/transfer.yaml
 #
-# Environment (all optional): ACCELERATE_CONFIG (default: accelerate_deepspeed.yaml next to this
+# Environment (all optional): ACCELERATE_CONFIG (default: accelerate.yaml next to this
 # script), NUM_PROCESSES (total over all machines, >= 2; for one process run `rct-dist` directly),
 # NUM_MACHINES, MACHINE_RANK, MASTER_ADDR, MASTER_PORT.
 # RCT_DIST_ENTRY (default rct_dist.cli): the module every process runs; for tests and debugging.
@@ -22,7 +22,7 @@ if [[ $# -eq 0 ]]; then
 fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-args=(--config_file "${ACCELERATE_CONFIG:-$here/accelerate_deepspeed.yaml}")
+args=(--config_file "${ACCELERATE_CONFIG:-$here/accelerate.yaml}")
 [[ -n "${NUM_PROCESSES:-}" ]] && args+=(--num_processes "$NUM_PROCESSES")
 [[ -n "${NUM_MACHINES:-}" ]] && args+=(--num_machines "$NUM_MACHINES")
 [[ -n "${MACHINE_RANK:-}" ]] && args+=(--machine_rank "$MACHINE_RANK")

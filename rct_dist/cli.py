@@ -86,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="runs, shards and TensorBoard logs go here")
     demo.add_argument("--dataset", choices=("auto", "omniglot", "digits"), default="auto",
                       help="auto: Omniglot if found or downloadable, else digits")
-    demo.add_argument("--epochs", type=int, help="epochs per student (default 20 on Omniglot, 3 on digits)")
-    demo.add_argument("--teacher-epochs", type=int, help="(default: as --epochs)")
-    demo.add_argument("--classes", type=int, default=200, help="Omniglot classes per split")
+    demo.add_argument("--epochs", type=int, help="epochs per student (default 10 on Omniglot, 3 on digits)")
+    demo.add_argument("--teacher-epochs", type=int, help="(default 12 on Omniglot, as --epochs on digits)")
+    demo.add_argument("--classes", type=int, default=100, help="Omniglot classes per split")
     demo.set_defaults(run=_demo)
     for job, text in (("train-teacher", "train a teacher with Proxy-Anchor on labels"),
                       ("transfer", "transfer a frozen teacher to a student (RC by default)")):
