@@ -49,6 +49,8 @@ class DataConfig:
     image_size: int = 224
     views: int = 2
     pk: list[int] | None = None  # [P, K]: class-balanced batches of P classes x K images
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range (train)
+    hflip: float = 0.5  # horizontal flip probability (train)
     batch_size: int = 180  # images per rank per micro-step, views not counted
     workers: int = 4
     shuffle_buffer: int = 2000
@@ -281,6 +283,11 @@ def _validate(config: Config) -> None:
             raise ValueError(f"{section}.{key} must be >= 0, got {get(section, key)!r}")
     if not config.eval.ks or min(config.eval.ks) <= 0:
         raise ValueError(f"eval.ks must be a non-empty list of positive ints, got {config.eval.ks!r}")
+    low, high = (config.data.crop_scale + [0.0, 0.0])[:2]
+    if len(config.data.crop_scale) != 2 or not 0 < low <= high <= 1:
+        raise ValueError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {config.data.crop_scale!r}")
+    if not 0 <= config.data.hflip <= 1:
+        raise ValueError(f"data.hflip must be a probability in [0, 1], got {config.data.hflip!r}")
     pk = config.data.pk
     if pk is not None:
         if len(pk) != 2 or min(pk) <= 0:

@@ -94,7 +94,9 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
     if omniglot is not None:
         source, argv = "omniglot", ["--source", "omniglot", "--root", str(omniglot), "--limit-classes", str(classes)]
         p = min(45, classes)  # the paper's 45 classes x 2 images, fewer on a tiny subset
-        data_overrides = [f"data.pk=[{p},2]", f"data.batch_size={2 * p}", "data.image_size=28"]
+        # Characters: no flips (a mirrored character is another one), no crops small enough to lose strokes.
+        data_overrides = [f"data.pk=[{p},2]", f"data.batch_size={2 * p}", "data.image_size=28",
+                          "data.crop_scale=[0.5,1.0]", "data.hflip=0"]
         say(f"Omniglot from {omniglot}: first {classes} training and {classes} held-out classes")
     else:
         source, argv = "digits", ["--source", "digits"]

@@ -24,18 +24,20 @@ def build_transform(
     *,
     crop_pct: float = 0.875,
     scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
     interpolation: str = "bilinear",
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> Transform:
     """PIL image (any mode) -> normalised float tensor (3, image_size, image_size).
 
-    `crop_pct` only affects eval, `scale` only train.
+    `crop_pct` only affects eval, `scale` and `hflip` only train.
     """
     timm_transform = create_transform(
         image_size,
         is_training=train,
         scale=scale,
+        hflip=hflip,
         color_jitter=None,
         interpolation=interpolation,
         crop_pct=crop_pct,

@@ -23,6 +23,7 @@ from torch import nn
 
 from rct_dist.config import Config, save_config
 from rct_dist.data.loader import ShardIndex, make_loader
+from rct_dist.data.transforms import build_transform
 from rct_dist.distributed import world_rank, world_size
 from rct_dist.eval import evaluate, extract_embeddings
 from rct_dist.losses import (
@@ -189,6 +190,8 @@ def train(cfg: Config) -> dict[str, Any]:
                        views=cfg.data.views, seed=cfg.run.seed, workers=cfg.data.workers,
                        shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
                        samples_per_epoch=cfg.data.samples_per_epoch, pk=pk,
+                       transform=build_transform(cfg.data.image_size, True, scale=tuple(cfg.data.crop_scale),
+                                                 hflip=cfg.data.hflip),
                        teacher_embeddings=cfg.job == "transfer" and cfg.teacher.source == "shards")
     batches_per_epoch = len(make_loader(train_index, epoch=0, **loader_args))
     accumulation = cfg.deepspeed.gradient_accumulation_steps
