@@ -3,7 +3,6 @@ embeddings travel in new shards and train a student, and a checkpoint exports to
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import webdataset as wds
 
 from rct_dist.cli import main
 from rct_dist.config import load_config
-from rct_dist.data import shards
 from rct_dist.data.loader import ShardIndex, make_loader
 from rct_dist.jobs import run_embed, run_eval
 from rct_dist.models import load_exported
@@ -42,19 +40,10 @@ def run_config(path: Path, name: str, out: Path, data: Path, eval_split: str = "
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    parser = argparse.ArgumentParser()
-    shards.add_arguments(parser)
-    shards.run(parser.parse_args(["--source", "digits", "--out", str(out), "--shard-size", "100", "--workers", "1"]))
-    return out
-
-
-@pytest.fixture(scope="module")
-def teacher(digits, tmp_path_factory):
+def teacher(digits_shards, tmp_path_factory):
     """A 1-epoch teacher run: (its config, its final metrics)."""
     tmp = tmp_path_factory.mktemp("teacher")
-    cfg = load_config(str(run_config(tmp / "teacher.yaml", "teacher", tmp / "runs", digits)), ["job=train-teacher"])
+    cfg = load_config(str(run_config(tmp / "teacher.yaml", "teacher", tmp / "runs", digits_shards)), ["job=train-teacher"])
     return cfg, train(cfg)
 
 
@@ -66,13 +55,13 @@ def test_eval_of_export_matches_trainer(teacher):
     assert result["map_at_r"] == pytest.approx(metrics["map_at_r"], abs=1e-6)
 
 
-def test_embed_into_shards_then_transfer_and_export(teacher, digits, tmp_path):
+def test_embed_into_shards_then_transfer_and_export(teacher, digits_shards, tmp_path):
     cfg, _ = teacher
     export = Path(cfg.run.out_dir) / cfg.run.name / "export"
     stored = tmp_path / "stored"
-    summary = run_embed(cfg, export, digits / "train", tmp_path / "emb", into_shards=stored / "train")
+    summary = run_embed(cfg, export, digits_shards / "train", tmp_path / "emb", into_shards=stored / "train")
 
-    index = ShardIndex.load(digits / "train")
+    index = ShardIndex.load(digits_shards / "train")
     embeddings = np.load(tmp_path / "emb" / "embeddings.npy", allow_pickle=False)
     labels = np.load(tmp_path / "emb" / "labels.npy", allow_pickle=False)
     keys = (tmp_path / "emb" / "keys.txt").read_text().splitlines()
@@ -94,10 +83,10 @@ def test_embed_into_shards_then_transfer_and_export(teacher, digits, tmp_path):
     with pytest.raises(ValueError, match="no teacher embeddings"):
         make_loader(index, batch_size=20, train=True, image_size=16, workers=0, teacher_embeddings=True)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        run_embed(cfg, export, digits / "train", tmp_path / "emb", into_shards=stored / "train")
+        run_embed(cfg, export, digits_shards / "train", tmp_path / "emb", into_shards=stored / "train")
 
     # A student from the stored embeddings alone, under ZeRO-2 so export goes through zero_to_fp32.
-    student_cfg = run_config(tmp_path / "rc.yaml", "rc", tmp_path / "runs", stored, eval_split=str(digits / "test"),
+    student_cfg = run_config(tmp_path / "rc.yaml", "rc", tmp_path / "runs", stored, eval_split=str(digits_shards / "test"),
                              ds="zero2_fp32")
     metrics = train(load_config(str(student_cfg), ["job=transfer", "loss.name=rc", "teacher.source=shards",
                                                    "model.backbone=rct_cnn3_small", "model.embedding_size=16"]))

@@ -4,7 +4,6 @@ checkpointed, cut short and resumed with `run.resume=auto`."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -16,7 +15,6 @@ import pytest
 import torch
 
 from rct_dist.config import load_config
-from rct_dist.data import shards
 from rct_dist.models import load_exported
 from rct_dist.train.checkpoint import complete_checkpoints
 from rct_dist.train.engine import deepspeed_config
@@ -35,15 +33,6 @@ eval: {{batch_size: 128}}
 log: {{every_steps: 5}}
 checkpoint: {{every_steps: {every}, keep: 2}}
 """
-
-
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    parser = argparse.ArgumentParser()
-    shards.add_arguments(parser)
-    shards.run(parser.parse_args(["--source", "digits", "--out", str(out), "--shard-size", "100", "--workers", "1"]))
-    return out
 
 
 def write_config(path: Path, **values) -> Path:
