@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from rct_dist.atomic import atomic_write
 from rct_dist.config import load_config
 from rct_dist.data import shards
 from rct_dist.distributed import world_rank
@@ -54,10 +55,8 @@ def download_omniglot(folder: Path, say: Callable[[str], None]) -> Path | None:
         for name in OMNIGLOT_FILES:
             target = folder / name
             if not target.exists():
-                tmp = folder / f".{name}.part"
                 with urllib.request.urlopen(OMNIGLOT_URL.format(name), timeout=30) as response:
-                    tmp.write_bytes(response.read())
-                os.replace(tmp, target)
+                    atomic_write(target, lambda stream: stream.write(response.read()))
         return folder
     except OSError as error:
         say(f"could not download Omniglot ({error})")

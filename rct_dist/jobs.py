@@ -23,13 +23,14 @@ import webdataset as wds
 
 from rct_dist.config import Config, load_config
 from rct_dist.data.loader import TEACHER_FIELD, ShardIndex, make_loader
-from rct_dist.data.shards.writer import INDEX, atomic_write, clean_temp_files
+from rct_dist.atomic import atomic_write
+from rct_dist.data.shards.writer import INDEX, clean_temp_files
 from rct_dist.distributed import all_gather_stats, world_rank, world_size
 from rct_dist.eval import evaluate, extract_embeddings
 from rct_dist.models import EmbeddingModel, export_model, load_exported
 from rct_dist.train import checkpoint
 from rct_dist.train.engine import init_distributed
-from rct_dist.train.loop import _valid_only, build_task
+from rct_dist.train.loop import valid_rows, build_task
 
 Embedded = tuple[torch.Tensor, torch.Tensor, list[str]]  # embeddings (N, dim) fp32, labels (N,), keys
 
@@ -60,7 +61,7 @@ def embed_split(export: Path, split: Path, cfg: Config, device: torch.device) ->
     model = load_exported(export).to(device)
     loader = make_loader(split, batch_size=cfg.eval.batch_size, train=False, image_size=cfg.data.image_size,
                          workers=cfg.data.workers)
-    embeddings, labels, keys = extract_embeddings(model, _valid_only(loader), device=device)
+    embeddings, labels, keys = extract_embeddings(model, valid_rows(loader), device=device)
     return embeddings.cpu(), labels.cpu(), keys
 
 

@@ -42,9 +42,9 @@ def _is_matrix(x: object) -> bool:
 def _local_problem(student: torch.Tensor, teacher: torch.Tensor, teacher_needs_norm: bool) -> tuple[int, str]:
     """(code, detailed message) for this rank's inputs; code 0 means fine."""
     if not _is_matrix(student):
-        return 1, f"{_PROBLEMS[1]}, got {_describe(student)}"
+        return 1, f"{_PROBLEMS[1]}, got {describe(student)}"
     if not _is_matrix(teacher):
-        return 2, f"{_PROBLEMS[2]}, got {_describe(teacher)}"
+        return 2, f"{_PROBLEMS[2]}, got {describe(teacher)}"
     if student.shape[0] != teacher.shape[0]:
         return 3, f"{_PROBLEMS[3]}, got student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
     for code, x in ((4, student), (5, teacher)):
@@ -59,7 +59,7 @@ def _local_problem(student: torch.Tensor, teacher: torch.Tensor, teacher_needs_n
     return 0, ""
 
 
-def _describe(x: object) -> str:
+def describe(x: object) -> str:
     if isinstance(x, torch.Tensor):
         return f"shape {tuple(x.shape)} dtype {x.dtype}"
     return type(x).__name__

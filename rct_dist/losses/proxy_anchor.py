@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rct_dist.distributed import all_gather_rows, is_distributed
-from rct_dist.losses.base import agree_on_inputs, compute_dtype
+from rct_dist.losses.base import agree_on_inputs, compute_dtype, describe
 from rct_dist.losses.pairwise import safe_normalize
 
 # Problem codes travel between ranks as integers; index = code.
@@ -31,10 +31,6 @@ _PROBLEMS = (
     "embeddings contain NaN or Inf",
     "proxies contain NaN or Inf",
 )
-
-
-def _shape(x: object) -> str:
-    return f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _log1p_sum_exp(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -83,7 +79,7 @@ class ProxyAnchorLoss(nn.Module):
     def _local_problem(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[int, str]:
         """(code, detailed message) for this rank's inputs; code 0 means fine."""
         if not (isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 and embeddings.is_floating_point()):
-            return 1, f"{_PROBLEMS[1]}, got {_shape(embeddings)}"
+            return 1, f"{_PROBLEMS[1]}, got {describe(embeddings)}"
         if embeddings.shape[1] != self.embedding_size:
             return 2, f"{_PROBLEMS[2]}: expected {self.embedding_size}, got {embeddings.shape[1]}"
         if not (
@@ -93,7 +89,7 @@ class ProxyAnchorLoss(nn.Module):
             and not labels.is_complex()
             and labels.dtype != torch.bool
         ):
-            return 3, f"{_PROBLEMS[3]}, got {_shape(labels)}"
+            return 3, f"{_PROBLEMS[3]}, got {describe(labels)}"
         if labels.shape[0] != embeddings.shape[0]:
             return 4, f"{_PROBLEMS[4]}, got {labels.shape[0]} labels for {embeddings.shape[0]} embeddings"
         bad = (labels < 0) | (labels >= self.num_classes)

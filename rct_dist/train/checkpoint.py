@@ -19,13 +19,9 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from rct_dist.atomic import atomic_write
+
 MARKER = "COMPLETE"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def tag_for(step: int) -> str:
@@ -48,7 +44,8 @@ def save(engine, folder: Path, step: int, epoch: int, client_state: dict[str, An
         dist.barrier()
     path = folder / tag
     if not dist.is_initialized() or dist.get_rank() == 0:
-        write_json_atomic(path / MARKER, {"step": step, "epoch": epoch})
+        marker = json.dumps({"step": step, "epoch": epoch}).encode()
+        atomic_write(path / MARKER, lambda stream: stream.write(marker))
         for _, old in complete_checkpoints(folder)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():

@@ -148,7 +148,8 @@ class _Embedder(nn.Module):
         return self.net(images.to(self.dtype)).float()
 
 
-def _valid_only(batches) -> Iterator[tuple]:
+def valid_rows(batches) -> Iterator[tuple]:
+    """Eval batches without the loader's padding rows (valid=False): (images, labels, keys)."""
     for images, labels, keys, valid in batches:
         yield images[valid], labels[valid], [k for k, ok in zip(keys, valid.tolist()) if ok]
 
@@ -157,7 +158,7 @@ def run_evaluation(cfg: Config, net: nn.Module, dtype: torch.dtype, device: torc
     loader = make_loader(Path(cfg.data.root) / cfg.data.eval_split, batch_size=cfg.eval.batch_size, train=False,
                          image_size=cfg.data.image_size, workers=cfg.data.workers)
     cache = ThumbnailCache()
-    embeddings, labels, keys = extract_embeddings(_Embedder(net, dtype), cache.watch(_valid_only(loader)),
+    embeddings, labels, keys = extract_embeddings(_Embedder(net, dtype), cache.watch(valid_rows(loader)),
                                                   device=device)
     result = evaluate(embeddings, labels, ks=tuple(cfg.eval.ks), metric=cfg.eval.metric, with_nmi=False)
     result["skipped"] = loader.skipped

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import BinaryIO, Callable, Iterator, TypeVar
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from rct_dist.atomic import atomic_write, is_temp_name
 from rct_dist.data.shards.images import CorruptImage
 from rct_dist.data.shards.plan import Sample, SplitPlan
 
@@ -37,24 +37,6 @@ def shard_name(split: str, index: int) -> str:
 
 def is_shard_name(split: str, name: str) -> bool:
     return re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", name) is not None
-
-
-def is_temp_name(name: str) -> bool:
-    return re.fullmatch(r"\..+\.tmp-\d+", name) is not None
-
-
-def atomic_write(path: Path, fill: Callable[[BinaryIO], None]) -> None:
-    """Write through a temp file in the same folder, then rename: readers see the old file or the whole new one."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temp, "wb") as stream:
-            fill(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def write_shard(task: ShardTask) -> ShardResult:

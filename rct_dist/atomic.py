@@ -1,0 +1,28 @@
+"""Atomic file writes: through a temporary name in the same folder, then renamed into place, so a crash
+or a concurrent reader sees the old file or the whole new one, never half of it."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the temporary names `atomic_write` uses (left behind only by a killed process)."""
+    return re.fullmatch(r"\..+\.tmp-\d+", name) is not None
+
+
+def atomic_write(path: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """`fill` writes the content to a binary stream; it is fsynced and renamed to `path`."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temp, "wb") as stream:
+            fill(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
