@@ -31,6 +31,7 @@ TEACHER_SOURCES = ("model", "export", "shards")
 TEACHER_DTYPES = ("fp32", "bf16")
 LOSSES = ("rc", "rkd", "pkt", "darkrank", "proxy_anchor")
 METRICS = ("euclidean", "cosine")  # those of rct_dist.eval.neighbours, kept here so loading needs no torch
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # rct_dist.data.transforms'
 
 
 @dataclass
@@ -57,6 +58,11 @@ class DataConfig:
     shuffle_buffer: int = 2000
     resampled: bool = False
     samples_per_epoch: int | None = None
+    # Preprocessing; None takes the value from the student backbone's timm pretrained config.
+    mean: list[float] | None = None  # per-channel RGB normalisation mean
+    std: list[float] | None = None  # per-channel RGB normalisation std
+    interpolation: str | None = None  # resize interpolation: bilinear, bicubic, nearest, lanczos, box, hamming
+    crop_pct: float | None = None  # eval centre crop fraction, 0 < crop_pct <= 1
 
 
 @dataclass
@@ -118,6 +124,7 @@ class LogConfig:
     every_steps: int = 10
     tensorboard: bool = True
     retrieval_images: int = 8
+    projector_samples: int = 1000  # eval embeddings (with thumbnails) in TensorBoard's projector; 0: none
 
 
 @dataclass
@@ -163,7 +170,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     ("run", "seed"), ("data", "workers"), ("data", "shuffle_buffer"), ("loss", "margin"),
     ("loss", "supervised_weight"), ("optim", "weight_decay"), ("optim", "warmup_steps"),
-    ("optim", "grad_clip"), ("log", "retrieval_images"), ("checkpoint", "every_steps"),
+    ("optim", "grad_clip"), ("log", "retrieval_images"), ("log", "projector_samples"), ("checkpoint", "every_steps"),
 )
 _CHOICES = (
     (("teacher", "source"), TEACHER_SOURCES), (("teacher", "dtype"), TEACHER_DTYPES),
@@ -289,6 +296,17 @@ def _validate(config: Config) -> None:
         raise ValueError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {config.data.crop_scale!r}")
     if not 0 <= config.data.hflip <= 1:
         raise ValueError(f"data.hflip must be a probability in [0, 1], got {config.data.hflip!r}")
+    for key in ("mean", "std"):
+        value = get("data", key)
+        if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+            raise ValueError(f"data.{key} must be null or 3 per-channel values{' > 0' if key == 'std' else ''}, "
+                             f"got {value!r}")
+    interpolation = config.data.interpolation
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"data.interpolation must be null or one of {', '.join(INTERPOLATIONS)}, "
+                         f"got {interpolation!r}{_close(interpolation, INTERPOLATIONS)}")
+    if config.data.crop_pct is not None and not 0 < config.data.crop_pct <= 1:
+        raise ValueError(f"data.crop_pct must be null or in (0, 1], got {config.data.crop_pct!r}")
     pk = config.data.pk
     if pk is not None:
         if len(pk) != 2 or min(pk) <= 0:

@@ -2,6 +2,11 @@
 
 Transfer trains the student only; the teacher's BatchNorm statistics, dropout and weights must stay
 exactly as loaded, whatever a training loop calls (`model.train()` on a parent module included).
+
+The teacher sees the student's images. When its backbone was trained with another normalisation
+(a CLIP teacher for an ImageNet student, say), `normalize_inputs(scale, shift)` makes it map each input
+x to x * scale + shift first (rct_dist.data.transforms.renormalization), which is exactly its own
+normalisation of the same pixels.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class FrozenTeacher(nn.Module):
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.model = model.requires_grad_(False)
         self.dtype = dtype
+        self.register_buffer("input_scale", None, persistent=False)
+        self.register_buffer("input_shift", None, persistent=False)
         self.train(False)
 
     def train(self, mode: bool = True) -> FrozenTeacher:
@@ -37,7 +44,19 @@ class FrozenTeacher(nn.Module):
     def config(self) -> dict:
         return self.model.config
 
+    def normalize_inputs(self, scale: torch.Tensor | None, shift: torch.Tensor | None) -> FrozenTeacher:
+        """Re-normalise every input as x * scale + shift (broadcast over (B, 3, H, W); fp32) before the
+        model; None, None switches it off."""
+        if (scale is None) != (shift is None):
+            raise ValueError("give both scale and shift, or neither")
+        device = next(self.model.parameters()).device
+        self.input_scale = None if scale is None else scale.detach().to(device, torch.float32)
+        self.input_shift = None if shift is None else shift.detach().to(device, torch.float32)
+        return self
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            images = (images.float() * self.input_scale + self.input_shift).to(images.dtype)
         autocast_dtype = DTYPES[self.dtype]
         autocast = (
             torch.autocast(images.device.type, dtype=autocast_dtype)

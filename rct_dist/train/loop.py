@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rct_dist.config import Config, save_config
+from rct_dist.config import Config, config_to_dict, save_config
 from rct_dist.data.loader import ShardIndex, make_loader
-from rct_dist.data.transforms import build_transform
+from rct_dist.data.transforms import Preprocess, build_transform, preprocess_for, renormalization
 from rct_dist.distributed import world_rank, world_size
 from rct_dist.eval import evaluate, extract_embeddings
 from rct_dist.losses import (
@@ -37,7 +37,7 @@ from rct_dist.losses import (
 from rct_dist.models import FrozenTeacher, build_model, export_model
 from rct_dist.train import checkpoint
 from rct_dist.train.engine import build_engine, deepspeed_config, init_distributed
-from rct_dist.train.monitor import Monitor, distance_correlation
+from rct_dist.train.monitor import Monitor, distance_correlation, projector_sample
 from rct_dist.train.retrieval_picture import ThumbnailCache, retrieval_picture
 from rct_dist.train.task import TransferTask
 
@@ -154,10 +154,13 @@ def valid_rows(batches) -> Iterator[tuple]:
         yield images[valid], labels[valid], [k for k, ok in zip(keys, valid.tolist()) if ok]
 
 
-def run_evaluation(cfg: Config, net: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+def run_evaluation(cfg: Config, net: nn.Module, dtype: torch.dtype, device: torch.device,
+                   preprocess: Preprocess | None = None) -> dict[str, Any]:
+    preprocess = preprocess or preprocess_for(cfg)
     loader = make_loader(Path(cfg.data.root) / cfg.data.eval_split, batch_size=cfg.eval.batch_size, train=False,
-                         image_size=cfg.data.image_size, workers=cfg.data.workers)
-    cache = ThumbnailCache()
+                         image_size=cfg.data.image_size, workers=cfg.data.workers,
+                         transform=build_transform(cfg.data.image_size, False, **preprocess.transform_kwargs()))
+    cache = ThumbnailCache(mean=preprocess.mean, std=preprocess.std)
     embeddings, labels, keys = extract_embeddings(_Embedder(net, dtype), cache.watch(valid_rows(loader)),
                                                   device=device)
     result = evaluate(embeddings, labels, ks=tuple(cfg.eval.ks), metric=cfg.eval.metric, with_nmi=False)
@@ -165,6 +168,9 @@ def run_evaluation(cfg: Config, net: nn.Module, dtype: torch.dtype, device: torc
     if cfg.log.retrieval_images:  # a collective: every rank takes part, rank 0 gets the picture
         result["retrieval_picture"] = retrieval_picture(embeddings, labels, keys, cache, n=cfg.log.retrieval_images,
                                                         metric=cfg.eval.metric)
+    if cfg.log.projector_samples and cfg.log.tensorboard:  # a collective too; rank 0 gets the sample
+        result["projector"] = projector_sample(embeddings, labels, keys, cache, cfg.log.projector_samples,
+                                               seed=cfg.run.seed)
     return result
 
 
@@ -182,7 +188,9 @@ def train(cfg: Config) -> dict[str, Any]:
     init_distributed()
     rank, world = world_rank(), world_size()
     run_dir = prepare_run_dir(cfg)
-    monitor = Monitor(run_dir / "tensorboard", enabled=rank == 0, tensorboard=cfg.log.tensorboard)
+    monitor = Monitor(run_dir / "tensorboard", enabled=rank == 0, tensorboard=cfg.log.tensorboard,
+                      results_file=run_dir / "results.jsonl")
+    preprocess = preprocess_for(cfg)
     seed_everything(cfg.run.seed)
     train_index = ShardIndex.load(Path(cfg.data.root) / cfg.data.train_split)
     task = build_task(cfg, train_index.classes)
@@ -192,7 +200,7 @@ def train(cfg: Config) -> dict[str, Any]:
                        shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
                        samples_per_epoch=cfg.data.samples_per_epoch, pk=pk,
                        transform=build_transform(cfg.data.image_size, True, scale=tuple(cfg.data.crop_scale),
-                                                 hflip=cfg.data.hflip),
+                                                 hflip=cfg.data.hflip, **preprocess.transform_kwargs()),
                        teacher_embeddings=cfg.job == "transfer" and cfg.teacher.source == "shards")
     batches_per_epoch = len(make_loader(train_index, epoch=0, **loader_args))
     accumulation = cfg.deepspeed.gradient_accumulation_steps
@@ -204,6 +212,9 @@ def train(cfg: Config) -> dict[str, Any]:
     device = engine.device
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     teacher = build_teacher(cfg, device) if cfg.job == "transfer" else None
+    if teacher is not None:  # the student's images, in the teacher's own normalisation
+        teacher.normalize_inputs(*(renormalization(preprocess, Preprocess.of_backbone(teacher.config["backbone"]))
+                                   or (None, None)))
 
     state = {"epoch": 0, "batch": 0, "best_r1": -1.0}
     start = resume_point(cfg, run_dir)
@@ -214,6 +225,10 @@ def train(cfg: Config) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     step = state["epoch"] * batches_per_epoch + state["batch"]
+    logged = config_to_dict(cfg)
+    logged["data"].update(mean=list(preprocess.mean), std=list(preprocess.std),
+                          interpolation=preprocess.interpolation, crop_pct=preprocess.crop_pct)
+    monitor.start(logged, [f"eval/recall@{min(cfg.eval.ks)}", "eval/map@r"], step)
     for epoch in range(state["epoch"], cfg.optim.epochs):
         loader = make_loader(train_index, epoch=epoch, **loader_args)
         skip = state["batch"] if epoch == state["epoch"] else 0
@@ -260,18 +275,13 @@ def train(cfg: Config) -> dict[str, Any]:
         state.update(epoch=epoch + 1, batch=0)
         last = epoch + 1 == cfg.optim.epochs
         if last or (epoch + 1) % cfg.eval.every_epochs == 0:
-            metrics = run_evaluation(cfg, engine.module.net, dtype, device)
+            metrics = run_evaluation(cfg, engine.module.net, dtype, device, preprocess)
             r1 = metrics["recall"][min(cfg.eval.ks)]
-            monitor.scalars({f"eval/recall@{k}": v for k, v in metrics["recall"].items()}, step)
-            monitor.scalars({"eval/map@r": metrics["map_at_r"]}, step)
-            picture = metrics.pop("retrieval_picture", None)
-            if picture is not None:
-                monitor.image("eval/retrieval", picture, step)
-            monitor.say(f"epoch {epoch + 1}: " + "  ".join(f"R@{k} {100 * v:.2f}" for k, v in metrics["recall"].items())
-                        + f"  MAP@R {100 * metrics['map_at_r']:.2f}")
-            if r1 > state["best_r1"]:
+            exported = r1 > state["best_r1"]
+            if exported:
                 state["best_r1"] = r1
                 _export_student(engine.module.net, run_dir / "export")
+            monitor.evaluation(epoch, step, metrics, state["best_r1"], "export" if exported else None)
         checkpoint.save(engine, run_dir / "checkpoints", step, epoch, dict(state), cfg.checkpoint.keep)
     monitor.close()
     metrics["best_r1"] = state["best_r1"]
@@ -286,4 +296,3 @@ def finish() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
