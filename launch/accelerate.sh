@@ -3,12 +3,12 @@
 # launch/accelerate.yaml: the trainer drives DeepSpeed itself; accelerate runs torchrun).
 #
 #   One node, 8 GPUs (the yaml's default num_processes):
-#     launch/accelerate.sh transfer --config configs/cub/compression.yaml
+#     launch/accelerate.sh transfer --config cub/compression
 #   One node, 2 CPU processes (gloo):
-#     NUM_PROCESSES=2 launch/accelerate.sh demo --steps 50
+#     NUM_PROCESSES=2 launch/accelerate.sh demo --epochs 1
 #   Two nodes of 8 GPUs: run on each node, MACHINE_RANK 0 and 1, NUM_PROCESSES = total (16):
 #     NUM_MACHINES=2 MACHINE_RANK=0 NUM_PROCESSES=16 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 \
-#       launch/accelerate.sh transfer --config configs/imagenet/transfer.yaml
+#       launch/accelerate.sh transfer --config imagenet/transfer
 #
 # Environment (all optional): ACCELERATE_CONFIG (default: accelerate.yaml next to this
 # script), NUM_PROCESSES (total over all machines, >= 2; for one process run `rct-dist` directly),

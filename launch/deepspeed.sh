@@ -3,15 +3,15 @@
 #
 #   Single node, NUM_GPUS processes (default: every visible GPU; on a CPU-only machine set NUM_GPUS,
 #   otherwise the launcher starts ONE process):
-#     NUM_GPUS=8 launch/deepspeed.sh transfer --config configs/cub/transfer.yaml
-#     NUM_GPUS=2 launch/deepspeed.sh demo --steps 50          # 2 CPU processes (gloo)
+#     NUM_GPUS=8 launch/deepspeed.sh transfer --config cub/compression
+#     NUM_GPUS=2 launch/deepspeed.sh demo --epochs 1          # 2 CPU processes (gloo)
 #
 #   Several nodes: a hostfile (`host slots=N` per line, see launch/hostfile.example); run this on the
 #   first host. The launcher reaches every host by passwordless ssh (pdsh) and starts
 #   `python -m deepspeed.launcher.launch` there in the same directory, so the repository, the venv/
 #   image and the data must be at the same paths on every node.
 #     HOSTFILE=launch/hostfile.example NUM_GPUS=8 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 \
-#       launch/deepspeed.sh transfer --config configs/imagenet/transfer.yaml
+#       launch/deepspeed.sh transfer --config imagenet/transfer
 #
 # Environment (all optional):
 #   HOSTFILE      hostfile for a multi-node job; unset: this node only
@@ -25,10 +25,11 @@
 #   DS_LAUNCHER_ARGS  extra launcher options, split on whitespace, e.g. "--launcher openmpi" or
 #                 "--enable_each_rank_log runs/logs"
 #
+# This is a convenience around the plain launcher, which works as well:
+#   deepspeed --num_gpus 8 --module rct_dist.cli transfer --config cub/compression
 # Every process runs `python -u -m rct_dist.cli "$@"` with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR
-# and MASTER_PORT in its environment. `--no_local_rank` is passed because the launcher would put
-# `--local_rank=N` BEFORE the subcommand, which the CLI's top-level parser refuses; LOCAL_RANK is in
-# the environment anyway.
+# and MASTER_PORT in its environment (`--no_local_rank`: LOCAL_RANK is there, so the argument that the
+# launcher would add is left out; the CLI accepts it too).
 # RCT_DIST_ENTRY (default rct_dist.cli): the module every process runs; for tests and debugging.
 set -euo pipefail
 

@@ -2,12 +2,12 @@
 # Run an rct-dist subcommand under torchrun (gloo on CPU, nccl on GPUs).
 #
 #   Single node (the default), NPROC processes on this node:
-#     NPROC=2 launch/torchrun.sh demo --steps 100
+#     NPROC=2 launch/torchrun.sh demo --epochs 1
 #
 #   Several nodes: run the same command on every node, NODE_RANK = 0..NNODES-1, with MASTER_ADDR =
 #   an address of the node with NODE_RANK=0 that the others can reach:
-#     NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC=8 launch/torchrun.sh transfer --config ...
-#     NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC=8 launch/torchrun.sh transfer --config ...
+#     NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC=8 launch/torchrun.sh transfer --config imagenet/transfer
+#     NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC=8 launch/torchrun.sh transfer --config imagenet/transfer
 #   Without NODE_RANK, torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT assigns node ranks
 #   (RDZV_ID names the job; all nodes must use the same one).
 #

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _demo(args: argparse.Namespace) -> None:
     from rct_dist.demo import run_demo
     from rct_dist.distributed import world_rank
-    from rct_dist.train.loop import finish
+    from rct_dist.distributed.shutdown import finish
 
     run_demo(data=args.data, out=args.out, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
              classes=args.classes, dataset=args.dataset, say=lambda text: print(text, flush=True) if world_rank() == 0 else None)
@@ -25,7 +26,8 @@ def _make_shards(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from rct_dist.config import load_config
-    from rct_dist.train.loop import finish, train
+    from rct_dist.distributed.shutdown import finish
+    from rct_dist.train.loop import train
 
     cfg = load_config(args.config, [*args.overrides, f"job={args.command}"])
     train(cfg)
@@ -38,7 +40,7 @@ def _eval(args: argparse.Namespace) -> None:
     from rct_dist.config import load_config
     from rct_dist.distributed import world_rank
     from rct_dist.jobs import run_eval
-    from rct_dist.train.loop import finish
+    from rct_dist.distributed.shutdown import finish
 
     if args.config is None and not (args.export and args.data):
         raise SystemExit("rct-dist eval: give --config RUN.yaml, or --export FOLDER and --data SPLIT_DIR")
@@ -55,7 +57,7 @@ def _embed(args: argparse.Namespace) -> None:
     from rct_dist.config import load_config
     from rct_dist.distributed import world_rank
     from rct_dist.jobs import run_embed
-    from rct_dist.train.loop import finish
+    from rct_dist.distributed.shutdown import finish
 
     summary = run_embed(load_config(args.config, args.overrides), args.export, args.data, args.out,
                         into_shards=args.into_shards, overwrite=args.overwrite)
@@ -67,7 +69,66 @@ def _embed(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from rct_dist.jobs import run_export
 
-    print(run_export(args.run_dir, args.out, args.checkpoint))
+    print(run_export(args.run_dir, args.out, args.checkpoint, onnx=args.onnx, opset=args.opset))
+
+
+def _configs(args: argparse.Namespace) -> None:
+    from rct_dist.config import builtin_configs, builtin_deepspeed_configs, config_to_dict, load_config, \
+        resolve_config_path
+
+    name, overrides = (args.name[0], args.name[1:]) if args.name else (None, [])
+    if name is None:
+        runs, ds = builtin_configs(), builtin_deepspeed_configs()
+        width = max(map(len, runs))
+        print("run configs (--config NAME):")
+        for name, path in runs.items():
+            print(f"  {name:<{width}}  {_first_comment(path)}")
+        print("DeepSpeed configs (deepspeed.config=NAME):")
+        print("  " + "  ".join(ds))
+        return
+    if args.resolved:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(load_config(name, overrides)), sort_keys=False), end="")
+    elif overrides:
+        raise SystemExit("rct-dist configs: overrides need --resolved")
+    else:
+        print(resolve_config_path(name).read_text(encoding="utf-8"), end="")
+
+
+def _first_comment(path) -> str:
+    """A config's description: the first sentence of its leading comment."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    end = text.find(". ") if ". " in text else len(text)
+    text = text[:end].rstrip(".")
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _world(args: argparse.Namespace) -> None:
+    import json
+
+    from rct_dist.distributed.shutdown import finish
+    from rct_dist.distributed.world import check_world
+
+    seen = check_world()
+    if seen is not None:
+        text = json.dumps(seen, indent=2)
+        print(text, flush=True)
+        if args.out:
+            from pathlib import Path
+
+            Path(args.out).write_text(text + "\n", encoding="utf-8")
+    finish()
+
+
+def _local_rank_argument(parser: argparse.ArgumentParser, default=None) -> None:
+    """`--local_rank=N`, which the DeepSpeed launcher (and torch.distributed.launch) put first."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=default, help=argparse.SUPPRESS)
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,11 +136,12 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="run YAML whose data/eval settings (image size, batch size, workers, "
                         "ks, metric) apply; without it the defaults, changed by overrides")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.image_size=28 eval.batch_size=512")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    _local_rank_argument(parser, argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rct-dist", description=__doc__)
+    _local_rank_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="teacher, student from labels, RC and RKD transfer on Omniglot; one table")
     demo.add_argument("--data", help="folder holding Omniglot (zips or npz); default $RCT_DIST_DATA[/omniglot]")
@@ -89,13 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, help="epochs per student (default 10 on Omniglot, 3 on digits)")
     demo.add_argument("--teacher-epochs", type=int, help="(default 12 on Omniglot, as --epochs on digits)")
     demo.add_argument("--classes", type=int, default=100, help="Omniglot classes per split")
+    _local_rank_argument(demo, argparse.SUPPRESS)
     demo.set_defaults(run=_demo)
     for job, text in (("train-teacher", "train a teacher with Proxy-Anchor on labels"),
                       ("transfer", "transfer a frozen teacher to a student (RC by default)")):
         p = sub.add_parser(job, help=text, description=f"{text}. Overrides: section.key=value, e.g. optim.lr=3e-4")
-        p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+        p.add_argument("--config", required=True, help="a built-in config name (`rct-dist configs` lists them, "
+                       "e.g. cub/teacher) or a YAML file")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
-        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        _local_rank_argument(p, argparse.SUPPRESS)
         p.set_defaults(run=_train)
     from rct_dist.data.shards import add_arguments as add_shard_arguments
 
@@ -122,13 +186,52 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", dest="run_dir", required=True, help="run folder (holds config.yaml and checkpoints/)")
     export.add_argument("--out", help="export folder (default: RUN/export-<tag>)")
     export.add_argument("--checkpoint", default="auto", help="auto: the newest complete checkpoint; or a tag folder")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx extra)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     export.set_defaults(run=_export)
+    configs = sub.add_parser("configs", help="list the built-in configs, or print one (by name)")
+    configs.add_argument("name", nargs="*", metavar="NAME [OVERRIDES]",
+                         help="a built-in config name, e.g. cub/teacher; with --resolved, section.key=value overrides")
+    configs.add_argument("--resolved", action="store_true",
+                         help="print the resolved config (base files and overrides applied, every key)")
+    configs.set_defaults(run=_configs)
+    world = sub.add_parser("world", help="join the job the launcher started and print what every rank sees "
+                           "(rank, world size, local rank, master, backend): a launch check")
+    _local_rank_argument(world, argparse.SUPPRESS)
+    world.add_argument("--out", help="also write the JSON here (rank 0)")
+    world.set_defaults(run=_world)
     return parser
+
+
+def _adopt_local_rank(local_rank: int | None) -> None:
+    """Launchers that pass `--local_rank=N` also set LOCAL_RANK; when only the argument came, it becomes
+    the variable, so world discovery reads one place. A disagreement is refused."""
+    import os
+
+    if local_rank is None:
+        return
+    current = os.environ.get("LOCAL_RANK")
+    if current is not None and current.strip() != str(local_rank):
+        raise SystemExit(f"rct-dist: --local_rank={local_rank} disagrees with LOCAL_RANK={current}")
+    os.environ["LOCAL_RANK"] = str(local_rank)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.run(args)
+    _adopt_local_rank(args.local_rank)
+    from rct_dist.config import ConfigError
+    from rct_dist.distributed.world import LaunchError
+
+    try:
+        args.run(args)
+    except (ConfigError, LaunchError) as error:  # bad input: the message says what to fix, no traceback
+        print(f"rct-dist {args.command}: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
 
 
 if __name__ == "__main__":

@@ -221,10 +221,27 @@ def student_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> Embedding
     return task.net
 
 
-def run_export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, tag: str = "auto") -> Path:
-    """Export the student of a run's checkpoint; default folder `<run>/export-<tag>` (not the best export)."""
+def run_export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, tag: str = "auto",
+               onnx: bool = False, opset: int | None = None, exporter: str = "torchscript") -> Path:
+    """Export the student of a run's checkpoint; default folder `<run>/export-<tag>` (not the best export).
+
+    `onnx=True` also writes `model.onnx` (+ `model.onnx.json`, its input contract) for the run's
+    `data.image_size` and eval preprocessing, checked against PyTorch with onnxruntime; it needs the
+    `onnx` extra, and is exported and checked before the safetensors files are written.
+    """
+    from rct_dist.models.export import ONNX_FILE, export_onnx
+
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     folder = checkpoint_folder(run_dir, tag)
     net = student_from_state(cfg, checkpoint_state(folder))
-    return export_model(net, Path(out) if out else run_dir / f"export-{folder.name}")
+    target = Path(out) if out else run_dir / f"export-{folder.name}"
+    if onnx:
+        from rct_dist.data import transforms
+
+        # the run's preprocessing where the data package resolves it per run, else the transform defaults
+        preprocess = transforms.preprocess_for(cfg) if hasattr(transforms, "preprocess_for") else None
+        export_onnx(net, target / ONNX_FILE, cfg.data.image_size, opset=opset, preprocess=preprocess,
+                    exporter=exporter)
+    return export_model(net, target)
+

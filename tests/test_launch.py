@@ -3,7 +3,9 @@
 Each launcher is run with RCT_DIST_ENTRY pointing at a small probe module (written here) that joins
 the process group from the environment the launcher set, all-reduces its rank and prints what it saw;
 one real run of `rct-dist demo` (the trainer, deepspeed.initialize included) goes through
-launch/deepspeed.sh on one node (which is why there is no separate probe of that case). SLURM is exercised with stand-in `srun`/`scontrol` commands (no SLURM here).
+the plain `deepspeed --module rct_dist.cli` launcher. SLURM is exercised with stand-in `srun`/`scontrol`
+commands (no SLURM here), through `rct-dist world`, since the CLI reads SLURM's variables itself.
+tests/test_world.py starts every launcher style bare.
 """
 
 from __future__ import annotations
@@ -123,6 +125,11 @@ def test_accelerate_launcher_two_processes(probe_env):
     assert {p["LOCAL_RANK"] for p in probes} == {"0", "1"}
 
 
+def test_deepspeed_wrapper_single_node_two_processes(probe_env):
+    env = {**probe_env, "NUM_GPUS": "2", "MASTER_PORT": str(free_port())}
+    _check_two_ranks(_probes(_run(["bash", str(LAUNCH / "deepspeed.sh"), *ARGV], env), env), ARGV)
+
+
 def test_torchrun_single_node_two_processes(probe_env):
     env = {**probe_env, "NPROC": "2"}
     _check_two_ranks(_probes(_run(["bash", str(LAUNCH / "torchrun.sh"), *ARGV], env), env), ARGV)
@@ -169,31 +176,37 @@ def test_accelerate_two_machines_on_localhost(probe_env):
 
 
 def test_slurm_batch_script_with_stand_in_srun(probe_env, tmp_path):
-    """slurm.sbatch as SLURM would run it, on one node of 2 tasks, with stand-in srun/scontrol."""
+    """slurm.sbatch as SLURM would run it, one node of 2 tasks, stand-in srun/scontrol: each task is a bare
+    `python -m rct_dist.cli world` that reads SLURM's task variables itself."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = {**probe_env, "PATH": f"{bin_dir}{os.pathsep}{probe_env['PATH']}", "SLURM_NTASKS": "2", "SLURM_NNODES": "1",
-           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(free_port())}
-    probes = _probes(_run(["bash", str(LAUNCH / "slurm.sbatch"), *ARGV], env), env)
-    _check_two_ranks(probes, ARGV)
-    assert all(p["MASTER_ADDR"] == "127.0.0.1" and p["LOCAL_RANK"] == str(p["rank"]) for p in probes)
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(free_port()),
+           "RCT_DIST_ENTRY": "rct_dist.cli"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    seen_file = tmp_path / "seen.json"
+    out = _run(["bash", str(LAUNCH / "slurm.sbatch"), "world", "--out", str(seen_file)], env)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    seen = json.loads(seen_file.read_text())
+    assert [s["rank"] for s in seen] == [0, 1] and all(s["all_reduce_ok"] for s in seen)
+    assert {s["found_by"] for s in seen} == {"slurm"} and [s["local_rank"] for s in seen] == [0, 1]
+    assert {s["master"] for s in seen} == {f"127.0.0.1:{env['MASTER_PORT']}"}  # from scontrol's first host
 
-    # the same through launch/srun_env.sh
-    probes = _probes(_run(["srun", "--ntasks-per-node=2", "bash", str(LAUNCH / "srun_env.sh"), *ARGV], env), env)
-    _check_two_ranks(probes, ARGV)
-    assert all(p["MASTER_ADDR"] == "127.0.0.1" for p in probes)
 
-
-def test_deepspeed_launcher_runs_the_demo_on_two_processes(tmp_path):
-    """The real thing: `rct-dist demo` (4 short trainings through deepspeed.initialize) on 2 gloo processes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUM_GPUS": "2", "MASTER_PORT": str(free_port()),
+def test_plain_deepspeed_launcher_runs_the_demo_on_two_processes(tmp_path):
+    """The real thing, launched as DeepSpeed users do: `deepspeed --num_gpus 2 --module rct_dist.cli demo`
+    (the launcher puts --local_rank=N first); 4 short trainings through deepspeed.initialize on 2 gloo
+    processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RCT_DIST_ENTRY", None)
-    out = _run(["bash", str(LAUNCH / "deepspeed.sh"), "demo", "--dataset", "digits", "--epochs", "1",
-                "--out", str(tmp_path / "demo")], env, timeout=240)
+    out = _run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "rct_dist.cli",
+                "demo", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "demo")], env, timeout=300,
+               cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "dist_world_size=2" in out.stdout + out.stderr  # the launcher started 2 processes
     assert "Digits cannot show transfer" in out.stdout

@@ -8,38 +8,41 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from rct_dist.distributed import free_port
+from rct_dist.config import resolve_deepspeed_config
+from rct_dist.distributed.world import World, discover_world
 
 
-def init_distributed() -> None:
-    """Join the job a launcher (deepspeed, torchrun, srun wrapper) describes in the environment;
-    without a launcher, a job of one process (DeepSpeed would otherwise look for MPI)."""
+def init_distributed() -> World:
+    """Join the job the launcher describes (torchrun, deepspeed, accelerate, srun, OpenMPI's mpirun, or
+    none: one process), read by `discover_world`, which refuses a half-described job.
+
+    The world is written back as the torch.distributed variables and DeepSpeed's own MPI discovery
+    is off: it needs mpi4py, and it would be skipped anyway once the variables are there.
+    """
+    world = discover_world()  # before importing DeepSpeed: a refusal should be quick
+    world.export()
     import deepspeed
 
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+    return world
 
 
-
-def deepspeed_config(path: str | Path, micro_batch: int, accumulation: int, world: int, grad_clip: float) -> dict:
+def deepspeed_config(name_or_path: str | Path, micro_batch: int, accumulation: int, world: int, grad_clip: float) -> dict:
     """The ds_config file with the batch arithmetic and clipping of this run written in.
 
+    `name_or_path`: a built-in name (`zero2_bf16`) or a ds_config JSON file.
     DeepSpeed requires train_batch_size = micro x accumulation x world. The run config owns micro
     batch and accumulation (they replace the file's placeholders); a file that pins a different
     train_batch_size is refused here, before start, rather than silently overridden.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+    path = resolve_deepspeed_config(name_or_path)
     config = json.loads(path.read_text())
     total = micro_batch * accumulation * world
     if config.get("train_batch_size", total) != total:

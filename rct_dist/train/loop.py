@@ -8,8 +8,6 @@ Recall@K / MAP@R; the best student by R@1 is exported.
 
 from __future__ import annotations
 
-import os
-import sys
 import random
 import shutil
 import time
@@ -287,12 +285,3 @@ def train(cfg: Config) -> dict[str, Any]:
     metrics["best_r1"] = state["best_r1"]
     return metrics
 
-
-def finish() -> None:
-    """Leave a multi-process job cleanly: gloo threads can abort during interpreter shutdown."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
