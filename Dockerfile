@@ -13,11 +13,6 @@
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
-ARG TORCH_INDEX_URL=
-ARG RCT_UID=1000
-ARG RCT_GID=1000
 ARG DEBIAN_FRONTEND=noninteractive
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -38,6 +33,8 @@ RUN py_inc=$( (python3 -c 'import sysconfig; print(sysconfig.get_paths()["includ
     && mkdir -p /run/sshd
 
 # The non-root user (uid/gid 1000 by default). A base image's own user with that uid is removed.
+ARG RCT_UID=1000
+ARG RCT_GID=1000
 RUN existing=$(getent passwd "$RCT_UID" | cut -d: -f1 || true) \
     && if [[ -n $existing && $existing != rct ]]; then userdel --remove "$existing" 2>/dev/null || userdel "$existing"; fi \
     && existing_group=$(getent group "$RCT_GID" | cut -d: -f1 || true) \
@@ -46,12 +43,15 @@ RUN existing=$(getent passwd "$RCT_UID" | cut -d: -f1 || true) \
     && useradd --uid "$RCT_UID" --gid "$RCT_GID" --create-home --shell /bin/bash rct
 
 # Python environment: /opt/venv (sees the base's packages), torch kept or installed, then pinned.
+# (Build arguments are declared where they are used, so changing one rebuilds only what follows.)
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ARG TORCH_INDEX_URL=
 COPY docker/pip.sh docker/python-env.sh /opt/rct-dist-docker/
 RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip \
     VENV=/opt/venv /opt/rct-dist-docker/python-env.sh
 ENV PATH=/opt/venv/bin:$PATH \
-    PIP_CONSTRAINT=/opt/venv/constraints.txt \
-    PYTHON=/opt/venv/bin/python
+    PIP_CONSTRAINT=/opt/venv/constraints.txt
 
 COPY docker/check-env.py docker/sshd.sh /opt/rct-dist-docker/
 
