@@ -1,10 +1,16 @@
-"""Models: timm backbones with the paper's embedding head, frozen teachers, safetensors export.
+"""Models: timm backbones with the paper's embedding head, frozen teachers, safetensors and ONNX export.
 
 Importing this package registers the small CNNs (`rct_cnn4`, `rct_cnn3_small`) with timm.
 """
 
 from rct_dist.models.embedding import EmbeddingHead, EmbeddingModel, build_model
-from rct_dist.models.export import export_model, load_as_timm, load_exported
+from rct_dist.models.export import (
+    export_model,
+    export_onnx,
+    load_as_timm,
+    load_exported,
+    read_onnx_contract,
+)
 from rct_dist.models.small_cnn import SmallCNN
 from rct_dist.models.teacher import FrozenTeacher
 
@@ -15,6 +21,8 @@ __all__ = [
     "SmallCNN",
     "build_model",
     "export_model",
+    "export_onnx",
     "load_as_timm",
     "load_exported",
+    "read_onnx_contract",
 ]
