@@ -4,6 +4,11 @@ Everything is checked at load, before any process group or data loader starts, b
 after minutes of start-up on many ranks costs far more than a strict loader. Unknown keys are errors
 (with a close match suggested), not ignored, so a misspelt key can never silently keep its default.
 
+Built-in configs ship inside the package (`rct_dist/configs/`, package data found with
+importlib.resources): `--config cub/teacher` names one, a path to a YAML file still works, and
+`deepspeed.config` names a built-in DeepSpeed config (`zero2_bf16`) or a path, so nothing depends on
+the working directory or on a source checkout.
+
 A file may say `base: other.yaml` (relative to itself): the base is loaded first, recursively, and the
 file's keys replace its keys one by one, so a run file holds only what differs. `${ENV}` references in
 path keys (data.root, ...) are expanded at load, so one file serves machines with different data mounts.
@@ -25,6 +30,14 @@ from typing import Any
 import yaml
 
 from rct_dist.atomic import atomic_write
+
+BUILTIN_PACKAGE = "rct_dist"
+BUILTIN_FOLDER = "configs"
+DEEPSPEED_FOLDER = "deepspeed"  # DeepSpeed JSONs, under the built-in folder
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the file or key and how to fix it."""
 
 JOBS = ("train-teacher", "transfer")
 TEACHER_SOURCES = ("model", "export", "shards")
@@ -107,7 +120,7 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    config: str = "configs/deepspeed/zero2_bf16.json"  # relative to the repo root, or absolute
+    config: str = "zero2_bf16"  # a built-in name (rct-dist configs), or a path to a ds_config JSON
     gradient_accumulation_steps: int = 1
 
 
@@ -186,7 +199,7 @@ def _close(name: str, valid: typing.Sequence[str]) -> str:
 
 
 def _unknown(kind: str, name: str, valid: typing.Sequence[str]) -> ValueError:
-    return ValueError(f"unknown {kind} {name!r}{_close(name, valid)}; valid: {', '.join(valid)}")
+    return ConfigError(f"unknown {kind} {name!r}{_close(name, valid)}; valid: {', '.join(valid)}")
 
 
 def _type_name(tp: Any) -> str:
@@ -232,7 +245,7 @@ def _expand_env(key: str, value: str) -> str:
     def lookup(match: re.Match) -> str:
         name = match.group(1)
         if not os.environ.get(name):
-            raise ValueError(f"{key}: environment variable {name} is unset or empty (in {value!r})")
+            raise ConfigError(f"{key}: environment variable {name} is unset or empty (in {value!r})")
         return os.environ[name]
 
     return _ENV.sub(lookup, value)
@@ -250,7 +263,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         if section is None:
             section = {}
         if not isinstance(section, dict):
-            raise ValueError(f"section {name!r} must be a mapping of keys, got {section!r}")
+            raise ConfigError(f"section {name!r} must be a mapping of keys, got {section!r}")
         fields = _FIELD_TYPES[name]
         kwargs = {}
         for key, value in section.items():
@@ -259,7 +272,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             try:
                 kwargs[key] = _coerce(value, fields[key])
             except TypeError:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}.{key}: expected {_type_name(fields[key])}, got {value!r} ({type(value).__name__})"
                 ) from None
             if (name, key) in _PATH_KEYS and kwargs[key] is not None:
@@ -267,7 +280,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         values[name] = SECTIONS[name](**kwargs)
     job = raw.get("job", Config.job)
     if not isinstance(job, str):
-        raise ValueError(f"job: expected str, got {job!r} ({type(job).__name__})")
+        raise ConfigError(f"job: expected str, got {job!r} ({type(job).__name__})")
     config = Config(job=job, **values)
     _validate(config)
     return config
@@ -282,70 +295,71 @@ def _validate(config: Config) -> None:
         (f"{section}.{key}", get(section, key), choices) for (section, key), choices in _CHOICES
     ]:
         if value not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}{_close(value, choices)}")
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}{_close(value, choices)}")
     for section, key in _POSITIVE:
         if get(section, key) is not None and get(section, key) <= 0:
-            raise ValueError(f"{section}.{key} must be > 0, got {get(section, key)!r}")
+            raise ConfigError(f"{section}.{key} must be > 0, got {get(section, key)!r}")
     for section, key in _NON_NEGATIVE:
         if get(section, key) < 0:
-            raise ValueError(f"{section}.{key} must be >= 0, got {get(section, key)!r}")
+            raise ConfigError(f"{section}.{key} must be >= 0, got {get(section, key)!r}")
     if not config.eval.ks or min(config.eval.ks) <= 0:
-        raise ValueError(f"eval.ks must be a non-empty list of positive ints, got {config.eval.ks!r}")
+        raise ConfigError(f"eval.ks must be a non-empty list of positive ints, got {config.eval.ks!r}")
     low, high = (config.data.crop_scale + [0.0, 0.0])[:2]
     if len(config.data.crop_scale) != 2 or not 0 < low <= high <= 1:
-        raise ValueError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {config.data.crop_scale!r}")
+        raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {config.data.crop_scale!r}")
     if not 0 <= config.data.hflip <= 1:
-        raise ValueError(f"data.hflip must be a probability in [0, 1], got {config.data.hflip!r}")
+        raise ConfigError(f"data.hflip must be a probability in [0, 1], got {config.data.hflip!r}")
     for key in ("mean", "std"):
         value = get("data", key)
         if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
-            raise ValueError(f"data.{key} must be null or 3 per-channel values{' > 0' if key == 'std' else ''}, "
+            raise ConfigError(f"data.{key} must be null or 3 per-channel values{' > 0' if key == 'std' else ''}, "
                              f"got {value!r}")
     interpolation = config.data.interpolation
     if interpolation is not None and interpolation not in INTERPOLATIONS:
-        raise ValueError(f"data.interpolation must be null or one of {', '.join(INTERPOLATIONS)}, "
+        raise ConfigError(f"data.interpolation must be null or one of {', '.join(INTERPOLATIONS)}, "
                          f"got {interpolation!r}{_close(interpolation, INTERPOLATIONS)}")
     if config.data.crop_pct is not None and not 0 < config.data.crop_pct <= 1:
-        raise ValueError(f"data.crop_pct must be null or in (0, 1], got {config.data.crop_pct!r}")
+        raise ConfigError(f"data.crop_pct must be null or in (0, 1], got {config.data.crop_pct!r}")
     pk = config.data.pk
     if pk is not None:
         if len(pk) != 2 or min(pk) <= 0:
-            raise ValueError(f"data.pk must be two positive ints [P, K], got {pk!r}")
+            raise ConfigError(f"data.pk must be two positive ints [P, K], got {pk!r}")
         if pk[0] * pk[1] != config.data.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.pk={pk} makes batches of {pk[0] * pk[1]} images, not data.batch_size={config.data.batch_size}"
             )
+    resolve_deepspeed_config(config.deepspeed.config)  # a missing or misspelt ds_config fails at load
     if config.job == "train-teacher" and config.loss.name != "proxy_anchor":
-        raise ValueError(
+        raise ConfigError(
             f"job train-teacher learns from labels: loss.name must be proxy_anchor, got {config.loss.name!r}"
         )
     if config.job == "transfer":
         if config.loss.name == "proxy_anchor":
-            raise ValueError("job transfer needs a transfer loss (rc, rkd, pkt, darkrank); for labels use "
+            raise ConfigError("job transfer needs a transfer loss (rc, rkd, pkt, darkrank); for labels use "
                              "job train-teacher, or loss.supervised_weight > 0 to add Proxy-Anchor")
         if config.teacher.source == "export" and not config.teacher.export:
-            raise ValueError("teacher.source is export but teacher.export (an rct-dist export folder) is not set")
+            raise ConfigError("teacher.source is export but teacher.export (an rct-dist export folder) is not set")
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     """A config file's mapping with its `base:` chain applied underneath it, section by section."""
     path = path.resolve()
     if path in chain:
-        raise ValueError(f"config base cycle: {' -> '.join(str(p) for p in (*chain, path))}")
+        raise ConfigError(f"config base cycle: {' -> '.join(str(p) for p in (*chain, path))}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ValueError(f"cannot read config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"config {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise ValueError(f"config {path} must hold a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"config {path} must hold a mapping of sections, got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is None:
         return raw
     if not isinstance(base, str):
-        raise ValueError(f"config {path}: base must be a path string, got {base!r}")
+        raise ConfigError(f"config {path}: base must be a path string, got {base!r}")
     merged = _read_yaml(path.parent / base, (*chain, path))
     for name, section in raw.items():
         if isinstance(section, dict) and isinstance(merged.get(name), dict):
@@ -362,14 +376,14 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     dotted, sep, text = override.partition("=")
     parts = dotted.strip().split(".")
     if not sep or not all(parts) or len(parts) > 2 or (len(parts) == 1 and parts[0] != "job"):
-        raise ValueError(f"override {override!r} must look like section.key=value (or job=value)")
+        raise ConfigError(f"override {override!r} must look like section.key=value (or job=value)")
     if len(parts) == 1:
         raw["job"] = text.strip()
         return
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"override {override!r}: value is not valid YAML: {e}") from None
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from None
     section, key = parts
     tp = _FIELD_TYPES.get(section, {}).get(key)
     accepts = typing.get_args(tp) or (tp,)
@@ -381,9 +395,67 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         raw[section][key] = value
 
 
+def builtin_folder() -> Path:
+    """The folder of built-in configs inside the installed package (a real folder: `base:` links and
+    DeepSpeed's own file reading need paths)."""
+    from importlib import resources
+
+    folder = resources.files(BUILTIN_PACKAGE) / BUILTIN_FOLDER
+    if not isinstance(folder, Path) or not folder.is_dir():
+        raise RuntimeError(f"built-in configs not found in the installed package ({folder}): reinstall rct-dist "
+                           "from a wheel or source tree that includes its package data")
+    return folder
+
+
+def builtin_configs() -> dict[str, Path]:
+    """Built-in run configs by name (`cub/teacher`), sorted; DeepSpeed JSONs are listed by
+    `builtin_deepspeed_configs`."""
+    folder = builtin_folder()
+    return {p.relative_to(folder).with_suffix("").as_posix(): p for p in sorted(folder.rglob("*.yaml"))}
+
+
+def builtin_deepspeed_configs() -> dict[str, Path]:
+    """Built-in DeepSpeed configs by name (`zero2_bf16`)."""
+    return {p.stem: p for p in sorted((builtin_folder() / DEEPSPEED_FOLDER).glob("*.json"))}
+
+
+def _near(name: str, names: typing.Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A run config file: an existing path as given, else a built-in name (`cub/teacher`, with or
+    without `.yaml`). Anything else is refused, naming the nearest built-in configs."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removesuffix(".yml")
+    builtin = builtin_configs()
+    if name in builtin:
+        return builtin[name]
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a built-in config{_near(name, builtin)} "
+                     "(`rct-dist configs` lists the built-in ones)")
+
+
+def resolve_deepspeed_config(name_or_path: str | os.PathLike) -> Path:
+    """A ds_config file: an existing path as given, else a built-in name (`zero2_bf16`, with or without
+    `.json`). Anything else is refused, naming the nearest built-in ones."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".json") if path.parent == Path(".") else str(name_or_path)
+    builtin = builtin_deepspeed_configs()
+    if name in builtin:
+        return builtin[name]
+    raise ConfigError(f"deepspeed.config {str(name_or_path)!r} is neither a file nor a built-in DeepSpeed config"
+                     f"{_near(name, builtin)} (built-in: {', '.join(builtin)})")
+
+
 def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The validated Config of a YAML file (or the defaults if `path` is None) with overrides applied."""
-    raw = _read_yaml(Path(path), ()) if path is not None else {}
+    """The validated Config of a YAML file or built-in config name (or the defaults if `path` is None)
+    with overrides applied."""
+    raw = _read_yaml(resolve_config_path(path), ()) if path is not None else {}
     for override in overrides:
         _apply_override(raw, override)
     return config_from_dict(raw)

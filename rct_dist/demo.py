@@ -121,7 +121,7 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
             "loss.name=proxy_anchor" if job == "train-teacher" else "teacher.source=export",
             *([f"teacher.export={teacher_export}"] if job == "transfer" else []),
             "optim.lr=1e-3", f"optim.epochs={teacher_epochs if run_name == 'teacher' else epochs}",
-            f"eval.every_epochs={max(epochs, teacher_epochs)}", "deepspeed.config=" + str(_ds_config()),
+            f"eval.every_epochs={max(epochs, teacher_epochs)}", "deepspeed.config=zero2_fp32",  # CPU-safe: no bf16/fp16 mode
             *overrides,
         ])
         say(f"training {name} ({cfg.optim.epochs} epochs)")
@@ -132,11 +132,6 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
     say(format_table(rows))
     say(f"TensorBoard: tensorboard --logdir {out_dir}")
     return rows
-
-
-def _ds_config() -> Path:
-    """The fp32 ZeRO-2 ds_config of this repository (CPU-safe: no bf16/fp16 mode)."""
-    return Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2_fp32.json"
 
 
 def format_table(rows: list[tuple[str, dict, float]]) -> str:

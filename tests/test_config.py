@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rct_dist.config import METRICS, Config, config_to_dict, load_config, save_config
+from rct_dist.config import METRICS, Config, config_to_dict, load_config, resolve_deepspeed_config, save_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "rct_dist" / "configs"
 RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "deepspeed" not in p.relative_to(CONFIGS).parts)
 DEEPSPEED_CONFIGS = sorted((CONFIGS / "deepspeed").glob("*.json"))
 
@@ -35,7 +35,8 @@ def error(path, overrides=()) -> str:
 def test_shipped_run_config_loads(path):
     config = load_config(path, [])
     assert config.data.root.startswith("/data/")
-    assert (CONFIGS.parent / config.deepspeed.config).is_file()
+    assert "/" not in config.deepspeed.config  # by name, never a path relative to the working directory
+    assert resolve_deepspeed_config(config.deepspeed.config).parent == CONFIGS / "deepspeed"
     if config.job == "transfer" and config.teacher.source == "export":
         assert config.teacher.export.endswith("-teacher/export")
 
@@ -88,7 +89,7 @@ def test_defaults():
     config = load_config(None, [])
     assert config == Config()
     assert (config.job, config.data.batch_size, config.eval.ks) == ("transfer", 180, [1, 2, 4, 8])
-    assert config.deepspeed.config == "configs/deepspeed/zero2_bf16.json"
+    assert config.deepspeed.config == "zero2_bf16"
 
 
 def test_metric_choices_match_the_search():
