@@ -69,7 +69,8 @@ def _embed(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from rct_dist.jobs import run_export
 
-    print(run_export(args.run_dir, args.out, args.checkpoint, onnx=args.onnx, opset=args.opset))
+    print(run_export(args.run_dir, args.out, args.checkpoint, onnx=args.onnx, opset=args.opset,
+                     exporter=args.onnx_exporter))
 
 
 def _configs(args: argparse.Namespace) -> None:
@@ -186,8 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", dest="run_dir", required=True, help="run folder (holds config.yaml and checkpoints/)")
     export.add_argument("--out", help="export folder (default: RUN/export-<tag>)")
     export.add_argument("--checkpoint", default="auto", help="auto: the newest complete checkpoint; or a tag folder")
-    export.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx extra)")
-    export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx (+ model.onnx.json, its input "
+                        "contract), checked against PyTorch with onnxruntime first; needs rct-dist[onnx]")
+    export.add_argument("--opset", type=int, help="ONNX opset (default 17; 18 with the dynamo exporter)")
+    export.add_argument("--onnx-exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                        help="torch's exporter (dynamo needs onnxscript)")
     export.set_defaults(run=_export)
     configs = sub.add_parser("configs", help="list the built-in configs, or print one (by name)")
     configs.add_argument("name", nargs="*", metavar="NAME [OVERRIDES]",
