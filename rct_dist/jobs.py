@@ -23,6 +23,7 @@ import webdataset as wds
 
 from rct_dist.config import Config, load_config
 from rct_dist.data.loader import TEACHER_FIELD, ShardIndex, make_loader
+from rct_dist.data.transforms import build_transform, preprocess_for
 from rct_dist.atomic import atomic_write
 from rct_dist.data.shards.writer import INDEX, clean_temp_files
 from rct_dist.distributed import all_gather_stats, world_rank, world_size
@@ -56,11 +57,14 @@ def embed_split(export: Path, split: Path, cfg: Config, device: torch.device) ->
     """Every readable sample of `split`, embedded once by the exported student, on every rank, sorted by key.
 
     The loader settings (image size, eval batch size, workers) come from `cfg`, as in the trainer's
-    evaluation, so an export is measured exactly as its run measured it.
+    evaluation, and so does the preprocessing (the export's backbone's timm config under the `data.*`
+    overrides), so an export is measured exactly as its run measured it.
     """
     model = load_exported(export).to(device)
+    preprocess = preprocess_for(cfg, model.config["backbone"])
     loader = make_loader(split, batch_size=cfg.eval.batch_size, train=False, image_size=cfg.data.image_size,
-                         workers=cfg.data.workers)
+                         workers=cfg.data.workers,
+                         transform=build_transform(cfg.data.image_size, False, **preprocess.transform_kwargs()))
     embeddings, labels, keys = extract_embeddings(model, valid_rows(loader), device=device)
     return embeddings.cpu(), labels.cpu(), keys
 

@@ -280,6 +280,8 @@ def test_config_overrides_win_and_are_validated():
     got = preprocess_for(cfg)
     assert got.mean == (0.5, 0.5, 0.5) and got.std == pytest.approx(CLIP_STD)  # std not overridden
     assert (got.interpolation, got.crop_pct) == ("bilinear", 1.0)
+    assert preprocess_for(cfg, "resnet50").mean == (0.5, 0.5, 0.5)  # an export's backbone, same overrides
+    assert preprocess_for(load_config(None, base), "resnet50").std == pytest.approx(IMAGENET_STD)
     for bad, match in [("data.mean=[0.5,0.5]", "data.mean"), ("data.std=[0.2,0,0.2]", "data.std"),
                        ("data.interpolation=bicubik", "did you mean 'bicubic'"), ("data.crop_pct=0", "crop_pct"),
                        ("data.crop_pct=1.5", "crop_pct"), ("log.projector_samples=-1", "projector_samples")]:

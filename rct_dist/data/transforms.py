@@ -77,10 +77,11 @@ class Preprocess:
         return dict(mean=self.mean, std=self.std, interpolation=self.interpolation, crop_pct=self.crop_pct)
 
 
-def preprocess_for(cfg: Any) -> Preprocess:
-    """The student's preprocessing of a run config: `model.backbone`'s timm config under the `data.*` overrides."""
+def preprocess_for(cfg: Any, backbone: str | None = None) -> Preprocess:
+    """The preprocessing of a run config: the timm config of `backbone` (default `model.backbone`, the
+    student; for an export, its config.json's backbone) under the `data.*` overrides."""
     data = cfg.data
-    return Preprocess.of_backbone(cfg.model.backbone).override(
+    return Preprocess.of_backbone(backbone or cfg.model.backbone).override(
         mean=data.mean, std=data.std, interpolation=data.interpolation, crop_pct=data.crop_pct)
 
 
