@@ -241,10 +241,7 @@ def run_export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     net = student_from_state(cfg, checkpoint_state(folder))
     target = Path(out) if out else run_dir / f"export-{folder.name}"
     if onnx:
-        from rct_dist.data import transforms
-
-        # the run's preprocessing where the data package resolves it per run, else the transform defaults
-        preprocess = transforms.preprocess_for(cfg) if hasattr(transforms, "preprocess_for") else None
+        preprocess = preprocess_for(cfg, cfg.model.backbone)  # as the run evaluated its student
         export_onnx(net, target / ONNX_FILE, cfg.data.image_size, opset=opset, preprocess=preprocess,
                     exporter=exporter)
     return export_model(net, target)
