@@ -7,10 +7,15 @@ With teacher embeddings t (L2-normalised) and student embeddings s (not normalis
     L    = 1/n sum_i sum_{j != i} [ w_ij d_ij^2 + (1 - w_ij) max(0, delta - d_ij)^2 ]
 
 This equals the authors' `Relaxed_Contra` (where `t_emb` is the student and `s_emb` the teacher).
-Large batches run the exact tiled computation of `tiled.py`, which keeps nothing of size B x N.
+Large batches run the exact tiled computation of `tiled.py`, which keeps nothing of size B x N;
+on CUDA, its fused Triton kernels (`fused.py`) by default.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+import os
 
 import torch
 
@@ -20,6 +25,17 @@ from rct_dist.losses.pairwise import distances, safe_normalize, squared_distance
 from rct_dist.losses.tiled import TileSetup, tile_size, tiled_row_sums
 
 REDUCTIONS = ("paper", "mean_pairs")
+KERNELS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def _fused_module():
+    """`rct_dist.losses.fused`, or None when Triton cannot be imported (imported only when needed)."""
+    try:
+        from rct_dist.losses import fused
+    except ImportError:
+        return None
+    return fused
 
 
 class RelaxedContrastiveLoss(PairwiseTransferLoss):
@@ -35,6 +51,10 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
         chunk_size: tile edge of the tiled computation (same result, memory O(N*D + tile^2) per rank);
             None tiles automatically once a rank's share of pairs exceeds `tiled.AUTO_MIN_ELEMENTS`,
             0 never tiles.
+        kernel: what computes the tiles: "torch" (torch ops), "triton" (fused Triton kernels, always,
+            whatever the batch size; CUDA tensors, or CPU ones in Triton's interpreter under
+            TRITON_INTERPRET=1), "auto" (the fused kernels for fp32 CUDA tensors when Triton is
+            importable, torch ops otherwise). Same loss and gradient to rounding.
     """
 
     teacher_needs_norm = True
@@ -48,6 +68,7 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
         gather: bool = True,
         min_row_mean: float = 1e-12,
         chunk_size: int | None = None,
+        kernel: str = "auto",
     ) -> None:
         super().__init__(gather=gather)
         if sigma <= 0:
@@ -58,12 +79,17 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 0):
             raise ValueError(f"chunk_size must be None or a non-negative integer, got {chunk_size!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel == "triton":
+            _check_triton(chunk_size)
         self.sigma = sigma
         self.delta = delta
         self.normalize_student = normalize_student
         self.reduction = reduction
         self.min_row_mean = min_row_mean
         self.chunk_size = chunk_size
+        self.kernel = kernel
 
     def row_sums(self, batch: PairBatch) -> dict[str, torch.Tensor]:
         n = batch.n
@@ -73,12 +99,15 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
             t_cols = safe_normalize(batch.teacher_cols)
         s_rows, s_cols = batch.student_rows, batch.student_cols
         tile = tile_size(self.chunk_size, n, world_size() if batch.gathered else 1)
-        if tile:
+        fused = self._fused(s_rows, tile)
+        if tile or fused:
             # Columns without autograd: the tiled backward gives each row its column role itself.
             s_cols = s_cols.detach()
             if self.normalize_student:
                 s_rows, s_cols = safe_normalize(s_rows), safe_normalize(s_cols)
             setup = TileSetup(self.sigma, self.delta, self.min_row_mean, norm, batch.row_offset, batch.gathered, tile)
+            if fused:
+                return fused.fused_row_sums(s_rows, s_cols, t_rows, t_cols, setup)
             return tiled_row_sums(s_rows, s_cols, t_rows, t_cols, setup)
         mask = batch.self_mask()
         w = torch.exp(-squared_distances(t_rows, t_cols, mask) / self.sigma)
@@ -90,3 +119,32 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
         pull = (w * d.square() * off_diagonal).sum() / norm
         push = ((1 - w) * torch.relu(self.delta - d).square() * off_diagonal).sum() / norm
         return {"pull": pull, "push": push}
+
+    def _fused(self, s_rows: torch.Tensor, tile: int):
+        """The fused-kernel module when this call runs it, else None (the inputs are already checked).
+
+        "auto" takes it only where the torch path tiles, which every rank decides alike: the two
+        tiled paths run the same collectives, the untiled one others.
+        """
+        if self.kernel == "torch" or (self.kernel == "auto" and not (tile and s_rows.is_cuda)):
+            return None
+        if self.kernel == "auto":
+            return _fused_module() if s_rows.dtype == torch.float32 else None
+        return _fused_module()
+
+
+def _check_triton(chunk_size: int | None) -> None:
+    """`kernel="triton"` needs Triton and either CUDA or Triton's interpreter: fail early and clearly."""
+    if chunk_size == 0:
+        raise ValueError('chunk_size=0 asks for the untiled torch loss, which kernel="triton" never runs; '
+                         'use chunk_size=None with kernel="triton", or kernel="torch"')
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError('kernel="triton" needs the triton package, which is not installed; use kernel="torch"')
+    interpret = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+    if not (torch.cuda.is_available() or interpret):
+        raise RuntimeError(
+            'kernel="triton" needs a CUDA device (or TRITON_INTERPRET=1, which runs the kernels on CPU in '
+            'Triton\'s interpreter, for tests); use kernel="torch"'
+        )
+    if _fused_module() is None:
+        raise RuntimeError('kernel="triton": Triton is installed but cannot be imported; use kernel="torch"')

@@ -103,6 +103,27 @@ def _global_rows(local: torch.Tensor, setup: TileSetup, n: int) -> torch.Tensor:
     return all_reduce_sum(full, with_grad=False)
 
 
+def backward_row_stats(
+    setup: TileSetup,
+    m: torch.Tensor,
+    pull: torch.Tensor,
+    q: torch.Tensor,
+    unfloored: torch.Tensor,
+    grad_pull: torch.Tensor,
+    grad_push: torch.Tensor,
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward's row statistics (delta m, alpha, beta, g / N): this rank's rows, and all N rows.
+
+    The second is the backward's only communication (one all-reduce of N x 4 numbers when the batch
+    is gathered); the fused kernels (`fused.py`) use the same statistics.
+    """
+    scale = 2 / (m * setup.norm)
+    g_over_n = -scale * (grad_pull * pull - grad_push * q) * unfloored / n
+    local = torch.stack([setup.delta * m, scale * grad_pull / m, scale * grad_push / m, g_over_n], 1)
+    return local, _global_rows(local, setup, n)
+
+
 class _TiledRC(torch.autograd.Function):
     """(pull, push) sums of this rank's rows; the gradient of `s_rows` includes their column role."""
 
@@ -137,10 +158,7 @@ class _TiledRC(torch.autograd.Function):
         rows, cols, t_rows, t_cols, m, pull, q, unfloored = ctx.saved_tensors
         setup: TileSetup = ctx.setup
         n = cols.shape[0]
-        scale = 2 / (m * setup.norm)
-        g_over_n = -scale * (grad_pull * pull - grad_push * q) * unfloored / n
-        local = torch.stack([setup.delta * m, scale * grad_pull / m, scale * grad_push / m, g_over_n], 1)
-        stats = _global_rows(local, setup, n)
+        local, stats = backward_row_stats(setup, m, pull, q, unfloored, grad_pull, grad_push, n)
         grad = torch.zeros_like(rows)
         for r in _spans(rows.shape[0], setup.tile):
             margin_r, alpha_r, beta_r, h_r = local[r[0]:r[1]].T.unsqueeze(2)  # each (rows, 1)
