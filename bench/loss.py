@@ -1,9 +1,11 @@
-"""Time and peak memory of one forward + backward of the RC loss: naive, row-sharded core, tiled.
+"""Time and peak memory of one forward + backward of the RC loss: naive, row-sharded core, tiled, triton.
 
 - naive: the loss written the way the official code does it: full N x N Gram distances, an N x N
   identity mask, every intermediate an N x N matrix kept by autograd;
 - core:  `RelaxedContrastiveLoss(chunk_size=0)`, the row-sharded loss on one process (B = N);
-- tiled: `RelaxedContrastiveLoss(chunk_size=tile)`, nothing of size B x N kept.
+- tiled: `RelaxedContrastiveLoss(chunk_size=tile)`, nothing of size B x N kept;
+- triton: `RelaxedContrastiveLoss(kernel="triton")`, the fused Triton kernels (CUDA only: skipped on
+  CPU, where they run only in Triton's much slower interpreter).
 
 Each (method, N) runs in its own subprocess, so the peak belongs to that run alone. On CPU the peak is
 the max-RSS high-water mark (getrusage; torch's CPU allocations are invisible to tracemalloc) minus
@@ -15,6 +17,7 @@ machine shared with other jobs, where a busy core stalls every multi-threaded op
 
     python bench/loss.py --threads 1                      # CPU: N = 1k .. 16k, dim 128
     python bench/loss.py --device cuda --sizes 8192 32768 131072 524288 1048576 --tile 8192
+    python bench/loss.py --device cuda --sizes 8192 32768 131072 --methods core tiled triton
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("naive", "core", "tiled")
+METHODS = ("naive", "core", "tiled", "triton")
 
 
 def naive_rc(student, teacher, sigma: float = 1.0, delta: float = 1.0):
@@ -55,7 +58,11 @@ def naive_rc(student, teacher, sigma: float = 1.0, delta: float = 1.0):
 def _loss_fn(method: str, tile: int):
     from rct_dist.losses import RelaxedContrastiveLoss
 
-    return naive_rc if method == "naive" else RelaxedContrastiveLoss(chunk_size=0 if method == "core" else tile)
+    if method == "triton":
+        return RelaxedContrastiveLoss(kernel="triton")
+    if method == "naive":
+        return naive_rc
+    return RelaxedContrastiveLoss(chunk_size=0 if method == "core" else tile, kernel="torch")  # torch ops even on CUDA
 
 
 def _max_rss_mib() -> float:
@@ -110,12 +117,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per run; the best counts")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = parser.parse_args()
+    if "triton" in args.methods and not args.device.startswith("cuda"):
+        print(f"method triton skipped: the fused Triton kernels need --device cuda, not {args.device}")
+        args.methods = [m for m in args.methods if m != "triton"]
     print(f"{'N':>8} {'method':>6} {'seconds':>8} {'peak MiB':>9} {'time x':>7} {'memory x':>9}")
     for n in args.sizes:
         rows = {m: measure(m, n, args) for m in args.methods}
         base = rows.get("naive")
-        if rows.get("core") and rows.get("tiled"):  # same loss, same distances: equal to rounding
-            assert abs(rows["tiled"]["loss"] - rows["core"]["loss"]) <= 1e-5 * rows["core"]["loss"], rows
+        for exact in ("tiled", "triton"):  # same loss, same distances: equal to rounding
+            if rows.get("core") and rows.get(exact):
+                assert abs(rows[exact]["loss"] - rows["core"]["loss"]) <= 1e-5 * rows["core"]["loss"], rows
         for method, row in rows.items():
             if row is None:
                 print(f"{n:>8} {method:>6} {'failed (out of memory?)':>26}")
