@@ -62,7 +62,7 @@ def _loss_fn(method: str, tile: int):
         return RelaxedContrastiveLoss(kernel="triton")
     if method == "naive":
         return naive_rc
-    return RelaxedContrastiveLoss(chunk_size=0 if method == "core" else tile, kernel="torch")  # torch ops even on CUDA
+    return RelaxedContrastiveLoss(chunk_size=0 if method == "core" else tile, kernel="torch")  # torch, on CUDA too
 
 
 def _max_rss_mib() -> float:

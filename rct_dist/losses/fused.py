@@ -19,8 +19,10 @@ and their squared norms computed in torch, the Gram products run in the compute 
 zero, the self pairs are exactly zero, and the square root is taken only of positive values, so
 duplicate rows give finite gradients.
 
-On CPU tensors the kernels run only in Triton's interpreter (`TRITON_INTERPRET=1` set before this
-module is first imported, and still set when they run): that is how the tests check them.
+On CPU tensors the kernels run only in Triton's interpreter (`TRITON_INTERPRET=1` set before Triton
+is first imported in the process, and still set when they run): that is how the tests check them.
+fp32 (the loss's compute dtype for every input but float64) is the path meant for GPUs; the float64
+kernels exist for exact checks in the interpreter and have not been run on a GPU.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def _student_tile(
     """Distances of a row block against a column tile; the pairs that count; the column tile."""
     col_ok = offs_n < N
     keep = (offs_m[:, None] < B) & col_ok[None, :] & (offs_n[None, :] != offs_m[:, None] + row_offset)
-    cols = tl.load(cols_ptr + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    cols_mask = col_ok[:, None] & (offs_d[None, :] < D)
+    cols = tl.load(cols_ptr + offs_n[:, None] * D + offs_d[None, :], mask=cols_mask, other=0.0)
     c_norm = tl.load(cn_ptr + offs_n, mask=col_ok, other=0.0)
     gram = tl.dot(rows, tl.trans(cols), input_precision="ieee")
     sq = (r_norm[:, None] + c_norm[None, :]) - 2.0 * gram
@@ -74,8 +77,10 @@ def _labels(
     for start in range(0, DT, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
         k_ok = offs_k < DT
-        a = tl.load(t_rows_ptr + offs_m[:, None] * DT + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(t_cols_ptr + offs_n[:, None] * DT + offs_k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(t_rows_ptr + offs_m[:, None] * DT + offs_k[None, :], mask=a_mask, other=0.0)
+        b_mask = col_ok[:, None] & k_ok[None, :]
+        b = tl.load(t_cols_ptr + offs_n[:, None] * DT + offs_k[None, :], mask=b_mask, other=0.0)
         gram += tl.dot(a, tl.trans(b), input_precision="ieee")
     tr = tl.load(tr_norm_ptr + offs_m, mask=row_ok, other=0.0)
     tc = tl.load(tc_norm_ptr + offs_n, mask=col_ok, other=0.0)
@@ -87,7 +92,8 @@ def _labels(
 @triton.jit
 def _load_rows(rows_ptr, rn_ptr, offs_m, offs_d, B, D):
     row_ok = offs_m < B
-    rows = tl.load(rows_ptr + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    rows = tl.load(rows_ptr + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     return rows, tl.load(rn_ptr + offs_m, mask=row_ok, other=0.0)
 
 
@@ -103,7 +109,9 @@ def _row_sum_kernel(
     total = tl.zeros((BLOCK_M,), dtype=rows.dtype)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        dist, keep, cols = _student_tile(rows, r_norm, cols_ptr, cn_ptr, offs_m, offs_n, offs_d, B, N, D, row_offset, FP32)
+        dist, keep, cols = _student_tile(
+            rows, r_norm, cols_ptr, cn_ptr, offs_m, offs_n, offs_d, B, N, D, row_offset, FP32
+        )
         total += tl.sum(dist, 1)
     tl.store(out_ptr + offs_m, total, mask=offs_m < B)
 
@@ -111,7 +119,7 @@ def _row_sum_kernel(
 @triton.jit
 def _loss_kernel(
     rows_ptr, cols_ptr, rn_ptr, cn_ptr, t_rows_ptr, t_cols_ptr, tr_norm_ptr, tc_norm_ptr, m_ptr,
-    pull_ptr, push_ptr, q_ptr, B, N, D, DT, row_offset, sigma, delta,
+    pull_ptr, push_ptr, q_ptr, consts_ptr, B, N, D, DT, row_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, FP32: tl.constexpr,
 ):
     """Pass 2: each row's sums of w d^2, (1 - w) relu(delta - d)^2 and (1 - w) relu(delta - d) d."""
@@ -119,12 +127,16 @@ def _loss_kernel(
     offs_d = tl.arange(0, D_PAD)
     rows, r_norm = _load_rows(rows_ptr, rn_ptr, offs_m, offs_d, B, D)
     m = tl.load(m_ptr + offs_m, mask=offs_m < B, other=1.0)
+    sigma = tl.load(consts_ptr)
+    delta = tl.load(consts_ptr + 1)
     pull = tl.zeros((BLOCK_M,), dtype=rows.dtype)
     push = tl.zeros((BLOCK_M,), dtype=rows.dtype)
     q = tl.zeros((BLOCK_M,), dtype=rows.dtype)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        dist, keep, cols = _student_tile(rows, r_norm, cols_ptr, cn_ptr, offs_m, offs_n, offs_d, B, N, D, row_offset, FP32)
+        dist, keep, cols = _student_tile(
+            rows, r_norm, cols_ptr, cn_ptr, offs_m, offs_n, offs_d, B, N, D, row_offset, FP32
+        )
         w = _labels(t_rows_ptr, t_cols_ptr, tr_norm_ptr, tc_norm_ptr, offs_m, offs_n, keep, B, N, DT, sigma,
                     BLOCK_M, BLOCK_N, BLOCK_K)
         d = dist / m[:, None]
@@ -141,7 +153,7 @@ def _loss_kernel(
 @triton.jit
 def _grad_kernel(
     rows_ptr, cols_ptr, rn_ptr, cn_ptr, t_rows_ptr, t_cols_ptr, tr_norm_ptr, tc_norm_ptr, stats_ptr,
-    grad_ptr, B, N, D, DT, row_offset, sigma,
+    grad_ptr, consts_ptr, B, N, D, DT, row_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, FP32: tl.constexpr,
 ):
     """Backward: grad_k = s_k sum_j A_kj - sum_j A_kj s_j, with A from the (N, 4) row statistics
@@ -155,12 +167,15 @@ def _grad_kernel(
     alpha_r = tl.load(stat_r + 1, mask=row_ok, other=0.0)[:, None]
     beta_r = tl.load(stat_r + 2, mask=row_ok, other=0.0)[:, None]
     h_r = tl.load(stat_r + 3, mask=row_ok, other=0.0)[:, None]
+    sigma = tl.load(consts_ptr)
     weight = tl.zeros((BLOCK_M,), dtype=rows.dtype)
     mixed = tl.zeros((BLOCK_M, D_PAD), dtype=rows.dtype)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
-        dist, keep, cols = _student_tile(rows, r_norm, cols_ptr, cn_ptr, offs_m, offs_n, offs_d, B, N, D, row_offset, FP32)
+        dist, keep, cols = _student_tile(
+            rows, r_norm, cols_ptr, cn_ptr, offs_m, offs_n, offs_d, B, N, D, row_offset, FP32
+        )
         w = _labels(t_rows_ptr, t_cols_ptr, tr_norm_ptr, tc_norm_ptr, offs_m, offs_n, keep, B, N, DT, sigma,
                     BLOCK_M, BLOCK_N, BLOCK_K)
         stat_c = stats_ptr + offs_n * 4
@@ -179,8 +194,9 @@ def _grad_kernel(
 
 
 def _interpreted() -> bool:
-    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return not isinstance(_row_sum_kernel, triton.runtime.JITFunction)
+    """Whether Triton and these kernels were built for Triton's interpreter (TRITON_INTERPRET=1 set
+    when each was imported): Triton's own library functions (tl.sum) are built at its first import."""
+    return not any(isinstance(f, triton.runtime.JITFunction) for f in (_row_sum_kernel, tl.sum))
 
 
 INTERPRETED = _interpreted()
@@ -193,7 +209,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cpu":
         return (
             "the fused Triton kernels need CUDA tensors; on CPU they run only in Triton's interpreter "
-            "(TRITON_INTERPRET=1 set before rct_dist.losses.fused is first imported, meant for tests)"
+            "(TRITON_INTERPRET=1 set before Triton is first imported in the process, meant for tests)"
         )
     return f"the fused Triton kernels run on CUDA devices, not on {device.type}"
 
@@ -201,6 +217,8 @@ def unavailable_reason(device: torch.device) -> str | None:
 def block_size(dim: int) -> int:
     """Row block and column tile edge: `BLOCK` if set, else smaller blocks for larger embeddings."""
     if BLOCK is not None:
+        if BLOCK < 16 or BLOCK & (BLOCK - 1):
+            raise ValueError(f"fused.BLOCK must be a power of two >= 16, got {BLOCK}")
         return BLOCK
     pad = triton.next_power_of_2(dim)
     return 64 if pad <= 64 else 32 if pad <= 256 else 16
@@ -218,10 +236,11 @@ class _Blocks:
         self.b, self.n, self.d, self.dt = rows.shape[0], cols.shape[0], rows.shape[1], t_rows.shape[1]
         block = block_size(self.d)
         self.grid = (triton.cdiv(self.b, block),)
-        self.sizes = dict(
-            BLOCK_M=block, BLOCK_N=block, D_PAD=max(16, triton.next_power_of_2(self.d)), FP32=rows.dtype == torch.float32
-        )
+        d_pad = max(16, triton.next_power_of_2(self.d))
+        self.sizes = dict(BLOCK_M=block, BLOCK_N=block, D_PAD=d_pad, FP32=rows.dtype == torch.float32)
         self.chunk = max(16, min(TEACHER_CHUNK, triton.next_power_of_2(self.dt)))
+        # sigma and delta in the compute dtype (a Python float argument would reach the kernel as fp32)
+        self.consts = torch.tensor([setup.sigma, setup.delta], dtype=rows.dtype, device=rows.device)
 
     def _device(self):
         rows = self.tensors[0]
@@ -241,22 +260,20 @@ class _Blocks:
     def loss_sums(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pull, push, q = (m.new_zeros(self.b) for _ in range(3))
         if self.b:
-            s = self.setup
             with self._device():
                 _loss_kernel[self.grid](
-                    *self.kernel_inputs, m, pull, push, q, self.b, self.n, self.d, self.dt, s.row_offset,
-                    float(s.sigma), float(s.delta), BLOCK_K=self.chunk, **self.sizes,
+                    *self.kernel_inputs, m, pull, push, q, self.consts, self.b, self.n, self.d, self.dt,
+                    self.setup.row_offset, BLOCK_K=self.chunk, **self.sizes,
                 )
         return pull, push, q
 
     def grad(self, stats: torch.Tensor) -> torch.Tensor:
         grad = torch.zeros_like(self.tensors[0])
         if self.b:
-            s = self.setup
             with self._device():
                 _grad_kernel[self.grid](
-                    *self.kernel_inputs, stats.contiguous(), grad, self.b, self.n, self.d, self.dt,
-                    s.row_offset, float(s.sigma), BLOCK_K=self.chunk, **self.sizes,
+                    *self.kernel_inputs, stats.contiguous(), grad, self.consts, self.b, self.n, self.d, self.dt,
+                    self.setup.row_offset, BLOCK_K=self.chunk, **self.sizes,
                 )
         return grad
 
