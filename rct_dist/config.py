@@ -45,6 +45,7 @@ TEACHER_DTYPES = ("fp32", "bf16")
 LOSSES = ("rc", "rkd", "pkt", "darkrank", "proxy_anchor")
 METRICS = ("euclidean", "cosine")  # those of rct_dist.eval.neighbours, kept here so loading needs no torch
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # rct_dist.data.transforms'
+DECODES = ("cpu", "gpu")  # where train images are decoded and augmented
 
 
 @dataclass
@@ -76,6 +77,9 @@ class DataConfig:
     std: list[float] | None = None  # per-channel RGB normalisation std
     interpolation: str | None = None  # resize interpolation: bilinear, bicubic, nearest, lanczos, box, hamming
     crop_pct: float | None = None  # eval centre crop fraction, 0 < crop_pct <= 1
+    # Train input pipeline speed (eval always decodes and normalises on the CPU).
+    decode: str = "cpu"  # "gpu": JPEG decode, crop, flip and normalise on the GPU (CUDA only)
+    uint8_batches: bool = False  # keep crops uint8 through collation; normalise on the training device
 
 
 @dataclass
@@ -85,6 +89,8 @@ class ModelConfig:
     pretrained: bool = False
     pretrained_file: str | None = None
     normalize: bool = False
+    channels_last: bool | None = None  # channels_last memory format for student and teacher; null: on for CUDA
+    compile: bool = False  # torch.compile the student (in place: names, checkpoints and exports unchanged)
 
 
 @dataclass
@@ -187,7 +193,7 @@ _NON_NEGATIVE = (
 )
 _CHOICES = (
     (("teacher", "source"), TEACHER_SOURCES), (("teacher", "dtype"), TEACHER_DTYPES),
-    (("loss", "name"), LOSSES), (("eval", "metric"), METRICS),
+    (("loss", "name"), LOSSES), (("eval", "metric"), METRICS), (("data", "decode"), DECODES),
 )
 
 
@@ -318,6 +324,9 @@ def _validate(config: Config) -> None:
     if interpolation is not None and interpolation not in INTERPOLATIONS:
         raise ConfigError(f"data.interpolation must be null or one of {', '.join(INTERPOLATIONS)}, "
                          f"got {interpolation!r}{_close(interpolation, INTERPOLATIONS)}")
+    if config.data.decode == "gpu" and config.data.uint8_batches:
+        raise ConfigError("data.uint8_batches is for data.decode cpu: with data.decode gpu the loader sends "
+                         "encoded bytes and the GPU does all the rest")
     if config.data.crop_pct is not None and not 0 < config.data.crop_pct <= 1:
         raise ConfigError(f"data.crop_pct must be null or in (0, 1], got {config.data.crop_pct!r}")
     pk = config.data.pk

@@ -27,6 +27,10 @@ stream), a corrupt or incomplete sample is dropped (`samples`). Each is logged f
 counted in shared memory, one slot per worker, readable as `ShardLoader.skipped` and summarised in a
 warning at the end of every epoch. Samples lost behind a shard's damage cannot be counted one by one;
 in eval they show as fewer `valid` rows than the index's sample count.
+
+`decode="gpu"` (train only) leaves images encoded: batches carry a list of the samples' raw bytes
+in place of the image tensor, for `rct_dist.data.transforms.DeviceDecode` to decode and augment on
+the GPU. It needs CUDA and is refused without it.
 """
 
 from __future__ import annotations
@@ -191,10 +195,11 @@ def decode_teacher(data: bytes) -> torch.Tensor:
 
 def collate(samples: Sequence[tuple]) -> tuple:
     """Tuples of (image, label, key[, teacher][, valid]) -> (stacked images, label tensor, list of keys
-    [, stacked teacher embeddings][, mask])."""
+    [, stacked teacher embeddings][, mask]); encoded images (bytes) stay a list."""
     columns = list(zip(*samples))
     return tuple(
-        torch.stack(c) if isinstance(c[0], torch.Tensor) else list(c) if isinstance(c[0], str) else torch.tensor(c)
+        torch.stack(c) if isinstance(c[0], torch.Tensor) else list(c) if isinstance(c[0], (str, bytes))
+        else torch.tensor(c)
         for c in columns
     )
 
@@ -299,6 +304,7 @@ def make_loader(
     world: int | None = None,
     transform: Callable[[Any], torch.Tensor] | None = None,
     teacher_embeddings: bool = False,
+    decode: str = "cpu",
 ) -> ShardLoader:
     """Batches of one epoch of a split, for this rank (`batch_size` is per rank).
 
@@ -308,8 +314,18 @@ def make_loader(
     train also mixes workers in a main-process buffer of batch_size x workers decoded images. Rank and
     world default to the torch.distributed process group. Build one loader per epoch.
     `teacher_embeddings=True` adds each sample's stored teacher embedding after the keys, (B, dim)
-    float32: one per image, shared by its views.
+    float32: one per image, shared by its views. `decode="gpu"` (train, CUDA only) yields each batch's
+    images as a list of encoded bytes instead (see the module docstring); `transform` and `views` then
+    belong to the consumer.
     """
+    if decode not in ("cpu", "gpu"):
+        raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
+    if decode == "gpu":
+        if not train:
+            raise ValueError("decode='gpu' is for training; eval decodes on the CPU")
+        if not torch.cuda.is_available():
+            raise ValueError("data.decode: gpu decodes JPEGs with CUDA (torchvision.io.decode_jpeg on the GPU), "
+                             "but torch sees no CUDA device here: use data.decode: cpu")
     index = split if isinstance(split, ShardIndex) else ShardIndex.load(split)
     if teacher_embeddings and index.teacher_dim is None:
         raise ValueError(f"split {index.split!r} ({index.directory}) holds no teacher embeddings: its index.json "
@@ -337,9 +353,11 @@ def make_loader(
         *source,
         wds.tarfile_to_samples(handler=skips.read_error),
         wds.shuffle(shuffle_buffer, seed=stream_seed) if train else None,  # encoded bytes: cheap to hold
-        wds.decode(wds.handle_extension(TEACHER_FIELD, decode_teacher), "pil", handler=skips.sample),
+        wds.decode(wds.handle_extension(TEACHER_FIELD, decode_teacher), *(("pil",) if decode == "cpu" else ()),
+                   handler=skips.sample),
         wds.to_tuple(*fields, handler=skips.sample),
-        wds.map_tuple(Views(transform or build_transform(image_size, train), views), handler=skips.sample),
+        wds.map_tuple(Views(transform or build_transform(image_size, train), views), handler=skips.sample)
+        if decode == "cpu" else None,
         wds.batched(batch_size, collation_fn=collate, partial=True),  # fewer, larger IPC transfers
     )
     generator = torch.Generator().manual_seed(stream_seed)  # seeds the workers' augmentations

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,9 +34,11 @@ from rct_dist.losses import (
 from rct_dist.models import FrozenTeacher, build_model, export_model
 from rct_dist.train import checkpoint
 from rct_dist.train.engine import build_engine, deepspeed_config, init_distributed
-from rct_dist.train.monitor import Monitor, distance_correlation, projector_sample
+from rct_dist.train.feed import DeviceFeed, prepare_models, views_flat
+from rct_dist.train.monitor import Monitor, projector_sample
 from rct_dist.train.retrieval_picture import ThumbnailCache, retrieval_picture
 from rct_dist.train.task import TransferTask
+from rct_dist.train.timing import StepTimer, device_sync, step_scalars
 
 
 class RKDLoss(nn.Module):
@@ -125,13 +126,7 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     return Path(cfg.run.resume)
 
 
-def _views_flat(images: torch.Tensor, *per_image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(B, V, C, H, W) views -> (B*V, C, H, W), each view keeping its image's rows of `per_image`
-    (label, stored teacher embedding)."""
-    if images.dim() == 5:
-        views = images.shape[1]
-        return images.flatten(0, 1), *(t.repeat_interleave(views, dim=0) for t in per_image)
-    return images, *per_image
+_views_flat = views_flat  # (B, V, C, H, W) -> (B*V, C, H, W); its old name here
 
 
 class _Embedder(nn.Module):
@@ -198,11 +193,16 @@ def train(cfg: Config) -> dict[str, Any]:
                        shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
                        samples_per_epoch=cfg.data.samples_per_epoch, pk=pk,
                        transform=build_transform(cfg.data.image_size, True, scale=tuple(cfg.data.crop_scale),
-                                                 hflip=cfg.data.hflip, **preprocess.transform_kwargs()),
-                       teacher_embeddings=cfg.job == "transfer" and cfg.teacher.source == "shards")
+                                                 hflip=cfg.data.hflip, uint8=cfg.data.uint8_batches,
+                                                 **preprocess.transform_kwargs()),
+                       teacher_embeddings=cfg.job == "transfer" and cfg.teacher.source == "shards",
+                       decode=cfg.data.decode)
     batches_per_epoch = len(make_loader(train_index, epoch=0, **loader_args))
     accumulation = cfg.deepspeed.gradient_accumulation_steps
     total_steps = cfg.optim.epochs * batches_per_epoch // accumulation
+    prepare_models(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"), task.net)
+    if cfg.model.compile:
+        task.net.compile()  # in place: parameter names, checkpoints and exports are unchanged
     ds_config = deepspeed_config(cfg.deepspeed.config, cfg.data.batch_size * cfg.data.views, accumulation, world,
                                  cfg.optim.grad_clip)
     engine = build_engine(task, ds_config, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps,
@@ -213,6 +213,8 @@ def train(cfg: Config) -> dict[str, Any]:
     if teacher is not None:  # the student's images, in the teacher's own normalisation
         teacher.normalize_inputs(*(renormalization(preprocess, Preprocess.of_backbone(teacher.config["backbone"]))
                                    or (None, None)))
+    prepare_models(cfg, device, teacher)
+    feed, timer = DeviceFeed.for_run(cfg, preprocess, device, dtype), StepTimer(sync=device_sync(device))
 
     state = {"epoch": 0, "batch": 0, "best_r1": -1.0}
     start = resume_point(cfg, run_dir)
@@ -232,40 +234,29 @@ def train(cfg: Config) -> dict[str, Any]:
         skip = state["batch"] if epoch == state["epoch"] else 0
         monitor.start_epoch(epoch, cfg.optim.epochs, len(loader), initial=skip)
         engine.train()
-        waited = computed = 0.0
-        tick = time.perf_counter()
+        timer.start()
+        last_loss = "-"  # the progress bar shows the last logged loss: no .item() sync on other steps
         for i, (images, labels, _, *stored) in enumerate(loader):
             if i < skip:
+                timer.start()
                 continue  # the same seeded epoch plan, replayed up to where the checkpoint was taken
-            images, labels, *stored = _views_flat(images, labels, *stored)
-            images, labels = images.to(device, dtype), labels.to(device)
-            ready = time.perf_counter()
-            target = teacher(images) if teacher is not None else stored[0].to(device) if stored else None
+            images, labels, stored, n_images, n_views = feed(images, labels, *stored)
+            timer.data_ready()
+            target = teacher(images) if teacher is not None else stored[0] if stored else None
             loss, parts, student_emb = engine(images, labels, target)
             engine.backward(loss)
             engine.step()
-            done = time.perf_counter()
-            waited += ready - tick
-            computed += done - ready
+            timer.step_done(n_images, n_views)
             step = epoch * batches_per_epoch + i + 1
             if step % cfg.log.every_steps == 0:
-                rate = cfg.log.every_steps * images.shape[0] / (waited + computed)
-                values = {"loss/total": loss.item(), **{f"loss/{k}": v.item() for k, v in parts.items()},
-                          "lr": engine.get_lr()[0], "throughput/samples_per_s": rate * world,
-                          "throughput/samples_per_s_per_device": rate,
-                          "throughput/data_wait_fraction": waited / (waited + computed)}
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm)
-                if target is not None:
-                    values["geometry/teacher_student_distance_corr"] = distance_correlation(target, student_emb)
+                values = step_scalars(timer.read(), world, loss, parts, engine, target, student_emb)
                 monitor.scalars(values, step)
-                waited = computed = 0.0
-            monitor.advance({"loss": f"{loss.item():.4f}"})
+                last_loss = f"{values['loss/total']:.4f}"
+            monitor.advance({"loss": last_loss})
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                 checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
                                 {**state, "epoch": epoch, "batch": i + 1}, cfg.checkpoint.keep)
-            tick = time.perf_counter()
+            timer.next_step()
         monitor.end_epoch()
         skipped = loader.skipped
         if any(skipped.values()):
