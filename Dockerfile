@@ -84,7 +84,8 @@ ENV HF_HOME=/cache/huggingface \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     DS_BUILD_OPS=0
-RUN mkdir -p /cache/huggingface /cache/torch_extensions /data /runs \
+RUN rm -rf /tmp/src /tmp/torchinductor_* \
+    && mkdir -p /cache/huggingface /cache/torch_extensions /data /runs \
     && ln -s /runs /workspace/runs && ln -s /data /workspace/data \
     && chown -R rct:rct /cache /runs /workspace
 WORKDIR /workspace

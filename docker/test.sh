@@ -33,7 +33,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 base_tag=${BASE_TAG:-rct-dist-base:bookworm}
 image_tag=${IMAGE_TAG:-rct-dist:local}
 tmp=$(mktemp -d)
-cleanup() { rm -rf -- "$tmp"; }
+cleanup() {  # the demo's files belong to the container's uid: a non-root caller may not delete them
+    rm -rf -- "$tmp" 2>/dev/null || echo "note: could not remove all of $tmp (files owned by uid 1000)" >&2
+}
 trap cleanup EXIT
 
 say() { printf '\n== %s\n' "$*"; }
