@@ -11,9 +11,10 @@ venv=${VENV:-/opt/venv}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 base_python=
+has_torch=
 for candidate in python3 python; do
     if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import torch' >/dev/null 2>&1; then
-        base_python=$(command -v "$candidate"); break
+        base_python=$(command -v "$candidate"); has_torch=1; break
     fi
 done
 if [[ -n $base_python ]]; then
@@ -30,10 +31,18 @@ fi
 }
 export PYTHON=$venv/bin/python
 
+# A base whose torch lives in its own virtual environment (or another prefix that --system-site-packages
+# does not reach): make that environment's site-packages visible through a .pth file.
+if [[ -n $has_torch ]] && ! "$PYTHON" -c 'import torch' >/dev/null 2>&1; then
+    site_dir=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    "$base_python" -c 'import site; print("\n".join(site.getsitepackages()))' > "$site_dir/base-image-site.pth"
+    echo "python-env.sh: the base's site-packages added to $venv:"; cat "$site_dir/base-image-site.pth"
+fi
+
 if ! "$PYTHON" -c 'import torch' >/dev/null 2>&1; then
     index_args=()
     [[ -n ${TORCH_INDEX_URL:-} ]] && index_args=(--index-url "$TORCH_INDEX_URL")
-    "$here/pip.sh" install --no-cache-dir "${index_args[@]}" \
+    "$here/pip.sh" install "${index_args[@]}" \
         "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 
