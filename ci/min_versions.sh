@@ -27,7 +27,7 @@ start=$SECONDS
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q -c constraints/minimum.txt -e ".[test]"
+python -m pip install -q -c constraints/minimum.txt -e ".[test,mpi]"
 installed=$SECONDS
 
 # The floors in pyproject.toml and the pins must agree, and the pins must be what got installed.
