@@ -229,18 +229,26 @@ def human(b: float) -> str:
     return f"{b:.0f} B"
 
 
+def auto_tiled(n: int, world: int) -> bool:
+    """The path `RelaxedContrastiveLoss(chunk_size=None)` takes: tiled once a rank's share exceeds 2^22 pairs."""
+    from rct_dist.losses.tiled import tile_size
+
+    return tile_size(None, n, world) > 0
+
+
 def loss_bytes(n: int, world: int, ds: int, dt: int, tiled: bool) -> dict[str, float]:
     return {c.purpose: c.sent(world) for c in loss_calls(even_counts(n, world), ds, dt, tiled)}
 
 
 def bytes_table(sizes: list[int], worlds: list[int], ds: int, dt: int, params: dict[str, int]) -> None:
     print(f"## Bytes sent per rank per step (D_s = {ds}, D_t = {dt}; formulas checked above)\n")
-    print("Loss: tiled path (what N >= 2048 per rank uses); `untiled` adds the student reduce-scatter instead of "
-          "the N x 4 all-reduce. Gradients: ZeRO 0-2 (2 (W-1)/W x parameters x bytes).\n")
+    print("Columns up to `loss total`: the tiled path; `untiled` sends the student reduce-scatter instead of the "
+          "N x 4 all-reduce; `auto` is the path `chunk_size=None` takes (tiled once rows per rank x N > 2^22). "
+          "Gradients: ZeRO 0-2 (2 (W-1)/W x parameters x bytes).\n")
     grad_cols = [f"{name} grad {p}" for name in params for p in ("fp32", "bf16")]
     print("| N | W | student gather | teacher gather | row stats | small (sizes, value) | loss total | "
-          "untiled loss total | " + " | ".join(grad_cols) + " | loss / resnet18 fp32 grad |")
-    print("|" + "---|" * (9 + len(grad_cols)))
+          "untiled loss total | auto | " + " | ".join(grad_cols) + " | auto loss / resnet18 fp32 grad |")
+    print("|" + "---|" * (10 + len(grad_cols)))
     for n in sizes:
         for w in worlds:
             t = loss_bytes(n, w, ds, dt, tiled=True)
@@ -248,9 +256,12 @@ def bytes_table(sizes: list[int], worlds: list[int], ds: int, dt: int, params: d
             small = t["sizes + verdicts"] + t["loss value + parts"]
             grads = [gradient_bytes(params[name], size, w, 2) for name in params for size in (4, 2)]
             total = sum(t.values())
+            tiled = auto_tiled(n, w)
+            auto = total if tiled else u
             print(f"| {n:,} | {w} | {human(t['student all-gather'])} | {human(t['teacher all-gather'])} | "
                   f"{human(t['row statistics (tiled)'])} | {human(small)} | {human(total)} | {human(u)} | "
-                  + " | ".join(human(g) for g in grads) + f" | {total / grads[0]:.3g} |")
+                  f"{'tiled' if tiled else 'untiled'} | " + " | ".join(human(g) for g in grads)
+                  + f" | {auto / grads[0]:.3g} |")
     print()
 
 
@@ -285,7 +296,7 @@ def ring_seconds(call: Call, world: int, a: Assumptions) -> float:
 
 
 def loss_flops(rows: int, n: int, ds: int, dt: int, elementwise: float) -> float:
-    """Tiled RC loss, forward + backward, per rank: the (rows x n) pairs meet three student Gram products
+    """Tiled RC loss (used for the untiled path too, which recomputes less: an upper bound there), forward + backward, per rank: the (rows x n) pairs meet three student Gram products
     (pass 1, pass 2, backward), two teacher ones (pass 2, backward) and one gradient product (backward)."""
     return rows * n * (2 * 4 * ds + 2 * 2 * dt + elementwise)
 
@@ -301,7 +312,8 @@ def step_model(n: int, world: int, student: str, teacher: str, ds: int, dt: int,
     if world == 1:
         loss_comm = grad_comm = 0.0
     else:
-        loss_comm = sum(ring_seconds(c, world, a) for c in loss_calls(even_counts(n, world), ds, dt, tiled=True))
+        calls = loss_calls(even_counts(n, world), ds, dt, tiled=auto_tiled(n, world))
+        loss_comm = sum(ring_seconds(c, world, a) for c in calls)
         grad_call = Call("gradients", "backward", "all_reduce", params, 2 if precision == "bf16" else 4)
         grad_comm = ring_seconds(grad_call, world, a)
     # The loss's collectives sit on the critical path (gather before the loss, statistics inside its
@@ -321,7 +333,7 @@ def model_table(sizes: list[int], worlds: list[int], student: str, teacher: str,
           f"{a.teacher_forward_fraction:.3g} of its forward + backward; loss at {a.loss_efficiency:g} x "
           f"{a.peak_fp32_tflops:g} TFLOP/s fp32 (an ASSUMPTION: no GPU measurement of the loss exists), "
           f"{a.elementwise_flops_per_pair:g} FLOPs of elementwise work per pair; no overlap of communication with "
-          f"compute. Rows per GPU above {a.max_images_per_gpu} do not fit one micro-batch (assumption): marked *.\n")
+          f"compute; the loss's collectives are those of the path `chunk_size=None` takes. Rows per GPU above {a.max_images_per_gpu} do not fit one micro-batch (assumption): marked *.\n")
     print("| N | W | rows/GPU | student fwd+bwd | teacher fwd | loss compute | loss comm | grad all-reduce | "
           "step | loss share (compute + comm) | comm share |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
