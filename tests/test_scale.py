@@ -1,4 +1,4 @@
-"""Scale-out with the trainer's own pieces: world sizes 1, 2 and 4 reproduce one process.
+"""Scale-out with the trainer's own pieces: world sizes 1, 2 and 4 (and 8, opt-in) reproduce one process.
 
 What the training loop builds (`build_task` from a run config: the student and the RC transfer loss in
 one module; `deepspeed_config` + `build_engine`: ZeRO 2, fp32, torch AdamW with warmup + cosine and
@@ -21,6 +21,9 @@ and AdamW, which divides each gradient by its own running size, turns that round
 full-size steps that differ between any two summation orders (measured: 3e-4 relative on the
 parameters after 2 steps at world 1, all of it in such entries). SGD's step is linear in the
 gradient, so equal gradients give equal parameters, to rounding.
+
+World 8 runs only with RCT_TEST_WORLD8=1 (8 processes take minutes on 2 cores). There, ZeRO 2 with an
+empty rank is a known, strict expected failure (WORLD8_EMPTY_RANK); ZeRO 1 on the same batch passes.
 
 DeepSpeed's ZeRO optimizers take fp32 (or bf16/fp16) parameters, not float64, so this runs in fp32 and
 compares norm-wise with the same 1e-5 tolerance as tests/test_distributed_loss.py.
@@ -48,13 +51,13 @@ RTOL = 1e-5
 OVERRIDES = [
     "model.backbone=rct_cnn3_small", "model.embedding_size=16", f"data.image_size={IMAGE}",
     f"data.views={VIEWS}", "data.root=unused", f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}",
-    f"optim.warmup_steps={WARMUP}", f"optim.grad_clip={GRAD_CLIP}", "deepspeed.config=zero2_fp32",
+    f"optim.warmup_steps={WARMUP}", f"optim.grad_clip={GRAD_CLIP}",
 ]
 
 
-def make_task(chunk_size: int | None):
+def make_task(chunk_size: int | None, ds_name: str = "zero2_fp32"):
     """The loop's transfer task for the omniglot/rc config, at 16x16 px; `chunk_size` forces the tiled loss."""
-    cfg = load_config("omniglot/rc", OVERRIDES)
+    cfg = load_config("omniglot/rc", [*OVERRIDES, f"deepspeed.config={ds_name}"])
     torch.manual_seed(0)
     task = build_task(cfg, CLASSES)
     if chunk_size is not None:
@@ -116,11 +119,12 @@ def reference(counts: list[int], train_mode: bool, chunk_size: int | None) -> di
     return {k: torch.stack(v) for k, v in record.items()}
 
 
-def engine_rank(rank: int, world: int, counts: list[int], train_mode: bool, chunk_size: int | None) -> dict:
+def engine_rank(rank: int, world: int, counts: list[int], train_mode: bool, chunk_size: int | None,
+                ds_name: str = "zero2_fp32") -> dict:
     """The loop's step on this rank's slice: engine(images, labels, teacher), backward, step."""
     from deepspeed.utils import safe_get_full_grad
 
-    cfg, task = make_task(chunk_size)
+    cfg, task = make_task(chunk_size, ds_name)
     ds_config = deepspeed_config(cfg.deepspeed.config, max(counts) * VIEWS, 1, world, cfg.optim.grad_clip)
     adamw, torch.optim.AdamW = torch.optim.AdamW, SGDForAdamW
     try:
@@ -170,7 +174,11 @@ CASES = {
     "w4-unequal-empty-tiled": ([7, 5, 0, 3], False, 4),
     "w4-unequal-empty-train-bn": ([7, 5, 0, 3], True, None),
 }
-WORLD8 = {"w8-unequal-empty": ([3, 1, 0, 2, 4, 1, 2, 2], False, None)}
+WORLD8 = {
+    "w8-unequal": ([3, 1, 1, 2, 4, 1, 2, 2], False, None),
+    "w8-unequal-empty": ([3, 1, 0, 2, 4, 1, 2, 2], False, None),
+    "w8-unequal-empty-zero1": ([3, 1, 0, 2, 4, 1, 2, 2], False, None, "zero1_fp32"),
+}
 _runs: dict[int, dict[str, dict]] = {}
 
 
@@ -191,7 +199,20 @@ def test_engine_matches_one_process(case_id: str) -> None:
     assert_matches(ranks_of(case_id), reference(counts, train_mode, chunk_size))
 
 
+WORLD8_EMPTY_RANK = (
+    "DeepSpeed ZeRO 2 at 8 ranks with an empty rank: the full gradient of a few parameters in the empty rank's "
+    "partition (features.1.bn weight and bias here) is wrong (6e-2 relative overall) and so is the step "
+    "(3e-5 on the parameters); ZeRO 0 and 1 on the same batch, and ZeRO 2 at 4 ranks with an empty rank, "
+    "are exact (measured with DeepSpeed 0.19.8 on gloo)"
+)
+
+
 @pytest.mark.skipif(os.environ.get("RCT_TEST_WORLD8") != "1", reason="8 ranks take minutes on 2 cores; RCT_TEST_WORLD8=1")
-def test_world8_matches_one_process() -> None:
-    counts, train_mode, chunk_size = WORLD8["w8-unequal-empty"]
-    assert_matches(ranks_of("w8-unequal-empty"), reference(counts, train_mode, chunk_size))
+@pytest.mark.parametrize("case_id", [
+    "w8-unequal",
+    "w8-unequal-empty-zero1",
+    pytest.param("w8-unequal-empty", marks=pytest.mark.xfail(strict=True, reason=WORLD8_EMPTY_RANK)),
+])
+def test_world8_matches_one_process(case_id: str) -> None:
+    counts, train_mode, chunk_size, *_ = WORLD8[case_id]
+    assert_matches(ranks_of(case_id), reference(counts, train_mode, chunk_size))
