@@ -1,16 +1,27 @@
-"""`rct-dist demo` on Omniglot (when the data is beside the project), shortened. The digits fallback,
-the README's main job, runs on 2 processes in tests/test_launch.py."""
+"""`rct-dist demo`: the Omniglot copy that ships with the package (size, contents, licence, how it was made, that
+the wheel's package-data globs take it), the one-line conclusion, and the demo shortened on the embedded copy
+(reached the way a user without data reaches it) and on full Omniglot when that is beside the project."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+import re
+import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from rct_dist.demo import RUNS, find_omniglot, run_demo
+from rct_dist import demo
+from rct_dist.data.shards.omniglot import PACKED_NAME, pack, read_packed
+from rct_dist.demo import EMBEDDED, RUNS, conclusion, find_omniglot, run_demo
 
-OMNIGLOT = Path(os.environ.get("RCT_DIST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+ROOT = Path(__file__).resolve().parents[1]
+OMNIGLOT = Path(os.environ.get("RCT_DIST_DATA", ROOT.parent / "shared" / "data"))
+PACKED = EMBEDDED / PACKED_NAME
+MAX_BYTES = 1_500_000
 
 
 def check_rows(rows) -> None:
@@ -18,6 +29,98 @@ def check_rows(rows) -> None:
     for name, recall, seconds in rows:
         assert 0.0 < recall[1] <= recall[8] <= 1.0, name
         assert seconds > 0
+
+
+def test_embedded_file_size_contents_and_licence():
+    assert PACKED.stat().st_size <= MAX_BYTES
+    parts = read_packed(PACKED)
+    assert {name: images.shape for name, images in parts.items()} == {
+        "background": (964, 20, 28, 28), "evaluation": (659, 20, 28, 28)}
+    for name, images in parts.items():
+        ink = ~images
+        assert ink.any(axis=(2, 3)).all(), f"{name}: a blank image"
+        assert 0.05 < ink.mean() < 0.2, name  # Omniglot is about 8 % ink at 105 x 105
+        assert not (ink[:, :1] == ink[:, 1:2]).all(), name  # drawers differ
+    licence = (EMBEDDED / "LICENSE").read_text()
+    assert "MIT License" in licence and "Brenden Lake" in licence
+    readme = (EMBEDDED / "README.md").read_text()
+    assert hashlib.sha256(PACKED.read_bytes()).hexdigest() in readme, "README's sha256 is not the file's"
+
+
+@pytest.mark.parametrize("size", [28, 5])  # 5 x 5 = 25 bits: np.packbits pads the last byte
+def test_pack_then_read_packed_round_trip(tmp_path, size):
+    rng = np.random.default_rng(0)
+    parts = {name: rng.random((3, 4, size, size)) < 0.9 for name in ("background", "evaluation")}
+    np.savez_compressed(tmp_path / PACKED_NAME, image_size=np.array(size),
+                        **{name: pack(images) for name, images in parts.items()})
+    back = read_packed(tmp_path / PACKED_NAME)
+    for name, images in parts.items():
+        np.testing.assert_array_equal(back[name], images)
+
+
+def load_bench_script():
+    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "bench" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not (OMNIGLOT / "omniglot" / "images_evaluation.npz").is_file(),
+                    reason="Omniglot npz repack not found beside the project")
+def test_embedded_file_is_what_the_bench_script_makes_of_omniglot():
+    make = load_bench_script()
+    with np.load(OMNIGLOT / "omniglot" / "images_evaluation.npz") as npz:
+        first = npz["images"][:3]
+    np.testing.assert_array_equal(make.reduce(first), read_packed(PACKED)["evaluation"][:3])
+
+
+def test_package_data_globs_take_every_demo_data_file():
+    with open(ROOT / "pyproject.toml", "rb") as stream:
+        patterns = tomllib.load(stream)["tool"]["setuptools"]["package-data"]["rct_dist"]
+    package = ROOT / "rct_dist"
+    taken = {path for pattern in patterns for path in package.glob(pattern) if path.is_file()}
+    files = {path for path in EMBEDDED.iterdir() if path.is_file()}
+    assert {PACKED, EMBEDDED / "LICENSE", EMBEDDED / "README.md"} <= files
+    assert files <= taken, f"not in the wheel: {sorted(p.name for p in files - taken)}"
+
+
+def rows_with_r1(r1: dict[str, float]):
+    return [(name, {k: min(1.0, r1[name] / 100 + 0.01 * (k - 1)) for k in (1, 2, 4, 8)}, 1.0) for name, _, _ in RUNS]
+
+
+@pytest.mark.parametrize("rc, labels, rkd, words", [
+    (75.0, 75.5, 70.2, "level with labels, above RKD"),
+    (80.0, 75.0, 81.2, "above labels, below RKD"),
+    (60.0, 70.0, 60.9, "below labels, level with RKD"),
+])
+def test_conclusion_follows_the_numbers(rc, labels, rkd, words):
+    teacher, student, with_rc, with_rkd = (name for name, _, _ in RUNS)
+    line = conclusion(rows_with_r1({teacher: 90.0, student: labels, with_rc: rc, with_rkd: rkd}))
+    assert f"R@1 {rc:.1f} vs {labels:.1f} from labels ({rc - labels:+.1f}) and {rkd:.1f} with RKD ({rc - rkd:+.1f})" in line
+    assert words in line
+
+
+def test_demo_falls_back_to_the_embedded_copy(tmp_path, monkeypatch):
+    """No --data, no $RCT_DIST_DATA, no network: the embedded copy, not digits; the table and its conclusion."""
+    monkeypatch.delenv("RCT_DIST_DATA", raising=False)
+    monkeypatch.setattr(demo, "download_omniglot", lambda folder, say: None)
+    said = []
+    rows = run_demo(out=str(tmp_path), classes=6, epochs=1, teacher_epochs=1, say=said.append)
+    check_rows(rows)
+    assert any("embedded Omniglot" in line and "first 6 training" in line for line in said), said
+    assert not any("digits" in line for line in said), said
+    index = (tmp_path / "shards-embedded-6" / "test" / "index.json").read_text()
+    assert PACKED_NAME in index
+    table = next(line for line in said if line.startswith("model"))
+    body = said[said.index(table):]
+    printed_r1 = {name: float(line[len(name):].split()[0]) for name, _, _ in RUNS
+                  for line in body if line.startswith(name + " ")}
+    line = body[[line.startswith("RC from the teacher alone") for line in body].index(True)]
+    assert line == conclusion(rows)
+    rc, labels, diff_labels, rkd, diff_rkd = map(float, re.findall(r"[-+]?\d+\.\d", line)[:5])
+    teacher, student, with_rc, with_rkd = (name for name, _, _ in RUNS)
+    assert (rc, labels, rkd) == (printed_r1[with_rc], printed_r1[student], printed_r1[with_rkd])
+    assert diff_labels == round(rc - labels, 1) and diff_rkd == round(rc - rkd, 1)
 
 
 @pytest.mark.skipif(find_omniglot(str(OMNIGLOT)) is None, reason="Omniglot data not found beside the project")
