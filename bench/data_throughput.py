@@ -94,7 +94,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        split = args.split or synthetic_split(Path(tmp), args.synthetic, shards=max(args.workers) * 2)
+        split = args.split or synthetic_split(Path(tmp), args.synthetic, shards=max(2, max(args.workers) * 2))
         print(f"{'workers':>7} {'images':>7} {'start s':>8} {'img/s':>8} {'img/s/core':>10} {'x16 cores':>9} "
               f"{'x 0 workers':>11}")
         baseline, rows = None, []
