@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import tomllib
@@ -109,10 +110,16 @@ def test_demo_falls_back_to_the_embedded_copy(tmp_path, monkeypatch):
     check_rows(rows)
     assert any("embedded Omniglot" in line and "first 6 training" in line for line in said), said
     assert not any("digits" in line for line in said), said
-    index = (tmp_path / "shards-embedded-6" / "test" / "index.json").read_text()
-    assert PACKED_NAME in index
-    table = next(line for line in said if line.startswith("model"))
-    body = said[said.index(table):]
+    index = json.loads((tmp_path / "shards-embedded-6" / "test" / "index.json").read_text())
+    assert index["made_by"]["args"]["root"] == str(EMBEDDED)
+    assert index["class_names"] == [f"evaluation/{c:04d}" for c in range(6)]
+    check_table_and_conclusion(said, rows)
+
+
+def check_table_and_conclusion(said: list[str], rows) -> None:
+    """The printed table's R@1 column and the conclusion line after it agree, number for number."""
+    lines = [line for text in said for line in text.splitlines()]
+    body = lines[[line.startswith("model ") for line in lines].index(True):]
     printed_r1 = {name: float(line[len(name):].split()[0]) for name, _, _ in RUNS
                   for line in body if line.startswith(name + " ")}
     line = body[[line.startswith("RC from the teacher alone") for line in body].index(True)]
@@ -121,10 +128,22 @@ def test_demo_falls_back_to_the_embedded_copy(tmp_path, monkeypatch):
     teacher, student, with_rc, with_rkd = (name for name, _, _ in RUNS)
     assert (rc, labels, rkd) == (printed_r1[with_rc], printed_r1[student], printed_r1[with_rkd])
     assert diff_labels == round(rc - labels, 1) and diff_rkd == round(rc - rkd, 1)
+    word = {1: "above", -1: "below", 0: "level with"}
+    for diff, what in ((diff_labels, "labels"), (diff_rkd, "RKD")):
+        assert f"{word[0 if abs(diff) < 1.0 else int(np.sign(diff))]} {what}" in line
+
+
+def test_table_and_conclusion_check_reads_what_the_demo_prints():
+    teacher, student, with_rc, with_rkd = (name for name, _, _ in RUNS)
+    rows = rows_with_r1({teacher: 85.0, student: 75.5, with_rc: 75.04, with_rkd: 70.26})
+    check_table_and_conclusion(["some line", demo.format_table(rows), conclusion(rows), "TensorBoard: ..."], rows)
+    wrong = conclusion(rows_with_r1({teacher: 85.0, student: 75.5, with_rc: 77.0, with_rkd: 70.26}))
+    with pytest.raises(AssertionError):
+        check_table_and_conclusion([demo.format_table(rows), wrong], rows)
 
 
 @pytest.mark.skipif(find_omniglot(str(OMNIGLOT)) is None, reason="Omniglot data not found beside the project")
 def test_demo_on_omniglot(tmp_path):
     rows = run_demo(data=str(OMNIGLOT), out=str(tmp_path), dataset="omniglot", classes=10, epochs=1,
-                    say=lambda _: None)
+                    teacher_epochs=1, say=lambda _: None)
     check_rows(rows)
