@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="teacher, student from labels, RC and RKD transfer on Omniglot; one table")
     demo.add_argument("--data", help="folder holding Omniglot (zips or npz); default $RCT_DIST_DATA[/omniglot]")
     demo.add_argument("--out", default="runs/demo", help="runs, shards and TensorBoard logs go here")
-    demo.add_argument("--dataset", choices=("auto", "omniglot", "digits"), default="auto",
-                      help="auto: Omniglot if found or downloadable, else digits")
+    demo.add_argument("--dataset", choices=("auto", "omniglot", "embedded", "digits"), default="auto",
+                      help="auto: full Omniglot if found or downloadable, else the 28 x 28 copy that ships with "
+                      "the package; digits only on request")
     demo.add_argument("--epochs", type=int, help="epochs per student (default 10 on Omniglot, 3 on digits)")
     demo.add_argument("--teacher-epochs", type=int, help="(default 12 on Omniglot, as --epochs on digits)")
     demo.add_argument("--classes", type=int, default=100, help="Omniglot classes per split")

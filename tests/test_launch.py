@@ -209,7 +209,7 @@ def test_plain_deepspeed_launcher_runs_the_demo_on_two_processes(tmp_path):
                cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "dist_world_size=2" in out.stdout + out.stderr  # the launcher started 2 processes
-    assert "Digits cannot show transfer" in out.stdout
+    assert "digits cannot show transfer" in out.stdout
     assert out.stdout.count("exits successfully") == 2 or (out.stdout + out.stderr).count("exits successfully") == 2
     lines = out.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("model ") and "R@1" in line)

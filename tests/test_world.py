@@ -112,6 +112,24 @@ def test_no_launcher_is_one_process():
     assert exported["WORLD_SIZE"] == "1" and exported["MASTER_ADDR"] == "127.0.0.1"
 
 
+def test_a_one_process_job_avoids_an_inherited_port_in_use():
+    """A parent that ran a job in-process exported RANK/WORLD_SIZE/MASTER_PORT and may still hold the
+    port: a one-process child must host its rendezvous elsewhere instead of failing to bind."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        for env in ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": str(busy)}, {"MASTER_PORT": str(busy)}):
+            world = discover_world(env)
+            assert world.size == 1 and world.master_port != busy
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    assert discover_world({"MASTER_PORT": str(free)}).master_port == free  # a free one is kept
+
+
 # --- 2 processes through each launcher ------------------------------------------------------------
 
 FAKE_SRUN = """#!/usr/bin/env bash

@@ -113,7 +113,7 @@ def _from_env(environ: Mapping[str, str], local_rank_arg: int | None) -> World:
                               "and port of rank 0")
         addr, port = environ["MASTER_ADDR"], _int(environ, "MASTER_PORT", source)
     else:
-        addr, port = environ.get("MASTER_ADDR") or "127.0.0.1", _port(environ, _free_port(), source)
+        addr, port = environ.get("MASTER_ADDR") or "127.0.0.1", _own_port(environ, source)
     local_size = _int(environ, "LOCAL_WORLD_SIZE", source) if environ.get("LOCAL_WORLD_SIZE") else None
     return World(rank, size, local_rank, addr, port, source, local_size)
 
@@ -168,6 +168,23 @@ def _mpi_master_addr() -> str:
     return MPI.COMM_WORLD.bcast(addr, root=0)
 
 
+def _own_port(environ: Mapping[str, str], source: str) -> int:
+    """The rendezvous port of a one-process job: MASTER_PORT when it is free here, else any free port.
+
+    A one-process job hosts its own rendezvous, so any free port will do; an inherited MASTER_PORT
+    (a parent process that ran a job in-process exported it) may still be held by that parent's
+    store, and binding it again would fail with "address already in use"."""
+    if environ.get("MASTER_PORT"):
+        port = _int(environ, "MASTER_PORT", source)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                pass
+    return _free_port()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,7 +217,7 @@ def discover_world(environ: Mapping[str, str] | None = None, local_rank: int | N
         raise LaunchError(f"a local rank ({given}) is given but no RANK/WORLD_SIZE: this looks like one of several "
                           "processes whose job is not described; set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT "
                           "too, or unset LOCAL_RANK for a one-process run")
-    return World(0, 1, 0, "127.0.0.1", _port(environ, _free_port(), "single"), "single", 1)
+    return World(0, 1, 0, "127.0.0.1", _own_port(environ, "single"), "single", 1)
 
 
 def check_world() -> list[dict] | None:
