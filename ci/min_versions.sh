@@ -33,6 +33,10 @@ start=$SECONDS
 python -m pip install -q --upgrade pip
 python -m pip install -q -c constraints/minimum.txt -e ".[test,mpi]"
 installed=$SECONDS
+# DeepSpeed JIT-builds its CPU communication op on first use. The build depends on the torch and
+# DeepSpeed in this environment, so it goes into the environment, not the user's shared cache (where
+# two environments would rebuild it over each other, each waiting on the other's lock).
+export TORCH_EXTENSIONS_DIR="$venv/torch_extensions"
 
 # The floors in pyproject.toml and the pins must agree, and the pins must be what got installed.
 python - <<'PY'
