@@ -33,7 +33,6 @@ How each kind of command runs (in a sandbox: a temporary folder prepared with ti
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import re
@@ -48,6 +47,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from fake_files import image_bytes as fake_image_bytes, write_files
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -453,19 +453,8 @@ def sandbox(tmp_path_factory, digits_shards) -> Sandbox:
 
 # --- fake datasets for make-shards ----------------------------------------------------------------
 
-def image_bytes(fmt: str, seed: int, size=(8, 8)) -> bytes:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(out, format=fmt)
-    return out.getvalue()
-
-
-def write_files(root: Path, files: dict[str, bytes | str]) -> None:
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
+def image_bytes(fmt: str, seed: int) -> bytes:
+    return fake_image_bytes(fmt, seed, size=(8, 8))
 
 
 def fake_omniglot(root: Path) -> None:

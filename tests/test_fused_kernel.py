@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="the fused RC kernels need the triton package")
 
+from loss_inputs import inputs as shared_inputs, loss_parts_grad  # noqa: E402
 from multiprocess import run_ranks  # noqa: E402
 from rct_dist.losses import RelaxedContrastiveLoss  # noqa: E402
 
@@ -71,19 +72,7 @@ def test_in_a_fresh_process():
 
 
 def inputs(n: int, ds: int = 6, dt: int = 10, dtype: torch.dtype = torch.float32, duplicates: bool = False):
-    g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(n, ds, generator=g, dtype=dtype), torch.randn(n, dt, generator=g, dtype=dtype)
-    if duplicates:
-        s[3] = s[n - 2]
-        s[5] = s[n - 2]
-    return s, t
-
-
-def loss_parts_grad(student: torch.Tensor, teacher: torch.Tensor, **kwargs):
-    x = student.clone().requires_grad_(True)
-    loss, parts = RelaxedContrastiveLoss(**kwargs)(x, teacher, return_parts=True)
-    (grad,) = torch.autograd.grad(loss, x)
-    return loss.detach(), parts, grad
+    return shared_inputs(n, ds, dt, dtype=dtype, duplicates=duplicates)
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:

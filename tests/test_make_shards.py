@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
+from fake_files import image_bytes, write_files
 from sklearn.datasets import load_digits
 
 import rct_dist
@@ -48,19 +49,6 @@ def pixels(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         assert image.mode == "L"
         return np.asarray(image)
-
-
-def image_bytes(fmt: str, seed: int) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (6, 5, 3), dtype=np.uint8)).save(out, format=fmt)
-    return out.getvalue()
-
-
-def write_files(root: Path, files: dict[str, bytes | str]) -> None:
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
 
 
 def test_digits_counts_index_pixels_and_determinism(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loss_inputs import inputs, loss_parts_grad
 
 from multiprocess import run_ranks
 from rct_dist.losses import RelaxedContrastiveLoss, tiled
@@ -19,22 +20,6 @@ LOSSES.update(
     rc_normalized=lambda: RelaxedContrastiveLoss(normalize_student=True, chunk_size=0),
     rc_tiled_normalized=lambda: RelaxedContrastiveLoss(normalize_student=True, chunk_size=4),
 )
-
-
-def inputs(n: int, ds: int = 6, dt: int = 10, dtype: torch.dtype = torch.float64, duplicates: bool = False):
-    g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(n, ds, generator=g, dtype=dtype), torch.randn(n, dt, generator=g, dtype=dtype)
-    if duplicates:
-        s[3] = s[n - 2]
-        s[5] = s[n - 2]
-    return s, t
-
-
-def loss_parts_grad(student: torch.Tensor, teacher: torch.Tensor, **kwargs):
-    x = student.clone().requires_grad_(True)
-    loss, parts = RelaxedContrastiveLoss(**kwargs)(x, teacher, return_parts=True)
-    (grad,) = torch.autograd.grad(loss, x)
-    return loss.detach(), parts, grad
 
 
 def assert_same(tiled_result, core_result, rtol: float) -> None:
