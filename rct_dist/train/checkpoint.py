@@ -62,8 +62,9 @@ def _deepspeed_safe_globals() -> list:
     import argparse
     import collections
 
+    # set: DeepSpeed stores parameter-name sets; torch >= 2.6 allows it by default, 2.5 needs it named
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, argparse.Namespace,
-            collections.OrderedDict, torch.Size]
+            collections.OrderedDict, torch.Size, set]
 
 
 @contextlib.contextmanager
