@@ -47,7 +47,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from fake_files import image_bytes as fake_image_bytes, write_files
+from fake_files import fake_cub as fake_cub_layout, image_bytes as fake_image_bytes, write_files
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -467,13 +467,7 @@ def fake_omniglot(root: Path) -> None:
 
 
 def fake_cub(root: Path) -> None:
-    ids, files = [99, 100, 101, 102], {}
-    files["classes.txt"] = "".join(f"{i} {i:03d}.Bird_{i}\n" for i in ids)
-    listed = [(n + 1, i, f"{i:03d}.Bird_{i}/img_{n}.jpg") for n, i in enumerate(ids * 2)]
-    files["images.txt"] = "".join(f"{n} {p}\n" for n, _, p in listed)
-    files["image_class_labels.txt"] = "".join(f"{n} {i}\n" for n, i, _ in listed)
-    files.update({f"images/{p}": image_bytes("JPEG", n) for n, _, p in listed})
-    write_files(root, files)
+    fake_cub_layout(root, size=(8, 8))
 
 
 def fake_cars(root: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
-from fake_files import image_bytes, write_files
+from fake_files import fake_cub, image_bytes, write_files
 from sklearn.datasets import load_digits
 
 import rct_dist
@@ -172,13 +172,7 @@ def check_disjoint_split(out: Path, expected: dict[str, tuple[int, int]]) -> Non
 
 
 def test_cub_layout(tmp_path):
-    ids, files = [99, 100, 101, 102], {}
-    files["classes.txt"] = "".join(f"{i} {i:03d}.Bird_{i}\n" for i in ids)
-    listed = [(n + 1, i, f"{i:03d}.Bird_{i}/img_{n}.jpg") for n, i in enumerate(ids * 2)]
-    files["images.txt"] = "".join(f"{n} {p}\n" for n, _, p in listed)
-    files["image_class_labels.txt"] = "".join(f"{n} {i}\n" for n, i, _ in listed)
-    files.update({f"images/{p}": image_bytes("JPEG", n) for n, _, p in listed})
-    write_files(tmp_path / "cub", files)
+    fake_cub(tmp_path / "cub")
     make(tmp_path / "out", "--source", "cub", "--root", str(tmp_path / "cub"))
     check_disjoint_split(tmp_path / "out", {"train": (4, 2), "test": (4, 2)})
     assert read_split(tmp_path / "out" / "test")[0]["class_names"] == ["101.Bird_101", "102.Bird_102"]
