@@ -42,7 +42,10 @@ class ConfigError(ValueError):
 JOBS = ("train-teacher", "transfer")
 TEACHER_SOURCES = ("model", "export", "shards")
 TEACHER_DTYPES = ("fp32", "bf16")
-LOSSES = ("rc", "rkd", "pkt", "darkrank", "proxy_anchor")
+LOSSES = ("rc", "rkd", "pkt", "darkrank", "regression", "proxy_anchor")
+TRANSFER_LOSSES = LOSSES[:-1]
+SCHEDULES = ("cosine", "step")
+SELECTIONS = ("auto", "last", "val", "test")  # which evaluated model a run exports and reports
 METRICS = ("euclidean", "cosine")  # those of rct_dist.eval.neighbours, kept here so loading needs no torch
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # rct_dist.data.transforms'
 DECODES = ("cpu", "gpu")  # where train images are decoded and augmented
@@ -62,6 +65,7 @@ class DataConfig:
     root: str = ""  # shards folder holding <split>/index.json; ${ENV} references are expanded at load
     train_split: str = "train"
     eval_split: str = "test"
+    val_split: str | None = None  # a split of held-out training classes (make-shards --val-classes): model selection
     image_size: int = 224
     views: int = 2
     pk: list[int] | None = None  # [P, K]: class-balanced batches of P classes x K images
@@ -89,6 +93,8 @@ class ModelConfig:
     pretrained: bool = False
     pretrained_file: str | None = None
     normalize: bool = False
+    feature_blocks: int | None = None  # torchvision backbones: keep the first N blocks of `features` (smaller nets)
+    freeze_bn: bool = False  # backbone BatchNorm in eval mode with fixed affine weights, as Proxy-Anchor trains
     channels_last: bool | None = None  # channels_last memory format for student and teacher; null: on for CUDA
     compile: bool = False  # torch.compile the student (in place: names, checkpoints and exports unchanged)
 
@@ -118,8 +124,13 @@ class LossConfig:
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
-    warmup_steps: int = 0
-    epochs: int = 40
+    warmup_steps: int = 0  # optimizer steps of linear warm-up (cosine schedule)
+    epochs: int = 40  # 0: no training; the initial model is evaluated and exported
+    schedule: str = "cosine"  # "cosine" (per step, after warmup_steps) or "step" (x decay_gamma every decay_epochs)
+    decay_epochs: int = 10
+    decay_gamma: float = 0.5
+    warmup_epochs_new_layers: int = 0  # first N epochs train only the new layers (embedding head, proxies)
+    early_stop_patience: int = 0  # stop after N evaluations without a better validation R@1; 0: never
     grad_clip: float = 0.0
     proxy_lr_multiplier: float = 100.0
 
@@ -136,6 +147,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     metric: str = "euclidean"
     batch_size: int = 256
+    select: str = "auto"  # the model a run exports and reports: auto (val if data.val_split, else last), last, val, test
 
 
 @dataclass
@@ -181,19 +193,22 @@ _PATH_KEYS = (
 )
 _POSITIVE = (
     ("data", "image_size"), ("data", "views"), ("data", "batch_size"),
-    ("data", "samples_per_epoch"), ("model", "embedding_size"), ("teacher", "embedding_size"),
-    ("loss", "sigma"), ("loss", "delta"), ("loss", "alpha"), ("optim", "lr"), ("optim", "epochs"),
+    ("data", "samples_per_epoch"), ("model", "embedding_size"), ("teacher", "embedding_size"), ("model", "feature_blocks"),
+    ("optim", "decay_epochs"), ("optim", "decay_gamma"),
+    ("loss", "sigma"), ("loss", "delta"), ("loss", "alpha"), ("optim", "lr"),
     ("optim", "proxy_lr_multiplier"), ("deepspeed", "gradient_accumulation_steps"),
     ("eval", "every_epochs"), ("eval", "batch_size"), ("log", "every_steps"), ("checkpoint", "keep"),
 )
 _NON_NEGATIVE = (
     ("run", "seed"), ("data", "workers"), ("data", "shuffle_buffer"), ("loss", "margin"),
     ("loss", "supervised_weight"), ("optim", "weight_decay"), ("optim", "warmup_steps"),
-    ("optim", "grad_clip"), ("log", "retrieval_images"), ("log", "projector_samples"), ("checkpoint", "every_steps"),
+    ("optim", "grad_clip"), ("optim", "epochs"), ("optim", "warmup_epochs_new_layers"),
+    ("optim", "early_stop_patience"), ("log", "retrieval_images"), ("log", "projector_samples"), ("checkpoint", "every_steps"),
 )
 _CHOICES = (
     (("teacher", "source"), TEACHER_SOURCES), (("teacher", "dtype"), TEACHER_DTYPES),
     (("loss", "name"), LOSSES), (("eval", "metric"), METRICS), (("data", "decode"), DECODES),
+    (("optim", "schedule"), SCHEDULES), (("eval", "select"), SELECTIONS),
 )
 
 
@@ -337,6 +352,16 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"data.pk={pk} makes batches of {pk[0] * pk[1]} images, not data.batch_size={config.data.batch_size}"
             )
+    if config.data.val_split is not None and config.data.val_split in (config.data.train_split, config.data.eval_split):
+        raise ConfigError(f"data.val_split {config.data.val_split!r} must differ from data.train_split and "
+                         "data.eval_split: validation classes are held out of both")
+    if config.eval.select == "val" and config.data.val_split is None:
+        raise ConfigError("eval.select val needs data.val_split (make-shards --val-classes K writes one)")
+    if config.optim.early_stop_patience and config.data.val_split is None:
+        raise ConfigError("optim.early_stop_patience needs data.val_split: stopping on test-class recall would "
+                         "select on the test set")
+    if config.optim.decay_gamma > 1:
+        raise ConfigError(f"optim.decay_gamma must be in (0, 1], got {config.optim.decay_gamma!r}")
     resolve_deepspeed_config(config.deepspeed.config)  # a missing or misspelt ds_config fails at load
     if config.job == "train-teacher" and config.loss.name != "proxy_anchor":
         raise ConfigError(
@@ -344,7 +369,7 @@ def _validate(config: Config) -> None:
         )
     if config.job == "transfer":
         if config.loss.name == "proxy_anchor":
-            raise ConfigError("job transfer needs a transfer loss (rc, rkd, pkt, darkrank); for labels use "
+            raise ConfigError(f"job transfer needs a transfer loss ({', '.join(TRANSFER_LOSSES)}); for labels use "
                              "job train-teacher, or loss.supervised_weight > 0 to add Proxy-Anchor")
         if config.teacher.source == "export" and not config.teacher.export:
             raise ConfigError("teacher.source is export but teacher.export (an rct-dist export folder) is not set")
