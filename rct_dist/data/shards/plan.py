@@ -1,4 +1,5 @@
-"""What goes into a split: class names in label order and samples with deterministic keys."""
+"""What goes into a split: class names in label order and samples with deterministic keys; `hold_out` moves
+a seeded random choice of classes from one split into a new one (a validation split of training classes)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,32 @@ def make_plan(listing: Listing, limit_classes: int | None = None, group: int = 4
     ]
     random.Random(seed).shuffle(runs)
     return SplitPlan(listing.split, list(names), [sample for run in runs for sample in run])
+
+
+def first_classes(listing: Listing, limit: int | None) -> Listing:
+    """The first `limit` classes (labels 0..limit-1) and their items; the whole listing for None."""
+    if not limit or limit >= len(listing.class_names):
+        return listing
+    return Listing(listing.split, listing.class_names[:limit], [item for item in listing.items if item[0] < limit])
+
+
+def hold_out(listing: Listing, classes: int, seed: int, split: str) -> tuple[Listing, Listing]:
+    """Move `classes` classes, chosen with `random.Random(seed).sample`, into a new listing named `split`.
+
+    Returns (rest, held out). Each keeps the original class order and is relabelled 0..n-1, so both stay
+    contiguous (a loss with one proxy per class takes the class count from the index); the class sets are
+    disjoint and their union is the input's. At least one class must stay in `listing`.
+    """
+    total = len(listing.class_names)
+    if not 1 <= classes < total:
+        raise ValueError(f"cannot hold out {classes} of the {total} classes of split {listing.split!r}: "
+                         f"need 1 <= classes < {total}")
+    chosen = set(random.Random(seed).sample(range(total), classes))
+
+    def subset(name: str, keep: bool) -> Listing:
+        labels = [c for c in range(total) if (c in chosen) == keep]
+        relabel = {c: i for i, c in enumerate(labels)}
+        items = [(relabel[label], source, image) for label, source, image in listing.items if label in relabel]
+        return Listing(name, [listing.class_names[c] for c in labels], items)
+
+    return subset(listing.split, False), subset(split, True)

@@ -102,6 +102,18 @@ def clean_temp_files(split_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def remove_split(split_dir: Path, split: str) -> None:
+    """Delete a split's index (first: the folder then reads as unfinished), shards and temp files; the folder too
+    when nothing else is left in it."""
+    (split_dir / INDEX).unlink(missing_ok=True)
+    clean_temp_files(split_dir)
+    for path in split_dir.iterdir():
+        if is_shard_name(split, path.name):
+            path.unlink()
+    if not any(split_dir.iterdir()):
+        split_dir.rmdir()
+
+
 def write_split(plan: SplitPlan, split_dir: Path, shard_size: int, workers: int, made_by: dict, source: str) -> dict:
     """Write all shards of a split, drop shards of an earlier run beyond the new count, then write the index."""
     split_dir.mkdir(parents=True, exist_ok=True)
