@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ def deepspeed_config(name_or_path: str | Path, micro_batch: int, accumulation: i
     return config
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR factor: linear warmup to 1, then cosine to 0 at total_steps."""
 
     def factor(step: int) -> float:
@@ -70,6 +70,35 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
+def warmup_step_decay(warmup_steps: int, steps_per_epoch: int, decay_epochs: int, gamma: float) -> Callable[[int], float]:
+    """LR factor: linear warmup to 1, then x gamma every `decay_epochs` epochs (Proxy-Anchor's StepLR,
+    which steps once per epoch)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return gamma ** ((step // max(1, steps_per_epoch)) // decay_epochs)
+
+    return factor
+
+
+def param_groups(module: nn.Module, lr: float, criterion_lr_multiplier: float = 1.0) -> list[dict[str, Any]]:
+    """Trainable parameters as named groups: `backbone` (the pretrained network, `module.net.backbone`),
+    `new` (everything else: the embedding head, a loss's own layers) and `proxies` (`module.criterion`,
+    Proxy-Anchor's proxies, at `criterion_lr_multiplier` x lr, as in the Proxy-Anchor paper). Empty groups
+    are left out; a net without a `backbone` has all its parameters in `new`."""
+    criterion = getattr(module, "criterion", None)
+    proxy_ids = {id(p) for p in criterion.parameters()} if criterion is not None else set()
+    backbone = getattr(getattr(module, "net", None), "backbone", None)
+    backbone_ids = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
+    named: dict[str, list[nn.Parameter]] = {"backbone": [], "new": [], "proxies": []}
+    for p in module.parameters():
+        if p.requires_grad:
+            named["proxies" if id(p) in proxy_ids else "backbone" if id(p) in backbone_ids else "new"].append(p)
+    rates = {"backbone": lr, "new": lr, "proxies": lr * criterion_lr_multiplier}
+    return [{"name": name, "params": params, "lr": rates[name]} for name, params in named.items() if params]
+
+
 def build_engine(
     module: nn.Module,
     ds_config: dict[str, Any],
@@ -78,22 +107,25 @@ def build_engine(
     warmup_steps: int,
     total_steps: int,
     criterion_lr_multiplier: float = 1.0,
+    schedule: Callable[[int], float] | None = None,
+    new_layers_only_steps: int = 0,
 ):
-    """deepspeed.initialize with a torch AdamW (no op build needed) and a warmup + cosine schedule.
+    """deepspeed.initialize with a torch AdamW (no op build needed) and an LR schedule per step.
 
-    Parameters of `module.criterion` (Proxy-Anchor's proxies) get `criterion_lr_multiplier` x lr,
-    as in the Proxy-Anchor paper.
+    `schedule`: the LR factor per optimizer step (default: `warmup_cosine(warmup_steps, total_steps)`).
+    `new_layers_only_steps`: the backbone group's LR is 0 for that many first steps, so only the new
+    layers learn (Proxy-Anchor's warm-up epoch; the task also stops gradients into the backbone then).
     """
     import deepspeed
 
-    criterion = getattr(module, "criterion", None)
-    criterion_ids = {id(p) for p in criterion.parameters()} if criterion is not None else set()
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in criterion_ids], "lr": lr}]
-    extra = [p for p in trainable if id(p) in criterion_ids]
-    if extra:
-        groups.append({"params": extra, "lr": lr * criterion_lr_multiplier})
+    schedule = schedule or warmup_cosine(warmup_steps, total_steps)
+    groups = param_groups(module, lr, criterion_lr_multiplier)
+
+    def frozen_first(factor: Callable[[int], float]) -> Callable[[int], float]:
+        return lambda step: 0.0 if step < new_layers_only_steps else factor(step)
+
+    factors = [frozen_first(schedule) if g["name"] == "backbone" else schedule for g in groups]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine

@@ -25,6 +25,7 @@ from rct_dist.distributed import world_rank, world_size
 from rct_dist.eval import evaluate, extract_embeddings
 from rct_dist.losses import (
     DarkRankLoss,
+    EmbeddingRegressionLoss,
     PKTLoss,
     ProxyAnchorLoss,
     RelaxedContrastiveLoss,
@@ -32,10 +33,12 @@ from rct_dist.losses import (
     RKDDistanceLoss,
 )
 from rct_dist.models import FrozenTeacher, build_model, export_model
+from rct_dist.models.export import read_config
 from rct_dist.train import checkpoint
-from rct_dist.train.engine import build_engine, deepspeed_config, init_distributed
+from rct_dist.train.engine import build_engine, deepspeed_config, init_distributed, warmup_cosine, warmup_step_decay
 from rct_dist.train.feed import DeviceFeed, prepare_models, views_flat
 from rct_dist.train.monitor import Monitor, projector_sample
+from rct_dist.train.selection import Selection, resolve_select, summary
 from rct_dist.train.retrieval_picture import ThumbnailCache, retrieval_picture
 from rct_dist.train.task import TransferTask
 from rct_dist.train.timing import StepTimer, device_sync, step_scalars
@@ -56,9 +59,21 @@ class RKDLoss(nn.Module):
         return (loss, {"distance": d.detach(), "angle": a.detach()}) if return_parts else loss
 
 
-def build_task(cfg: Config, num_classes: int) -> TransferTask:
+def teacher_dim(cfg: Config, train_index: ShardIndex | None = None) -> int:
+    """Width of the teacher's embeddings, known before any teacher runs (the regression loss needs it)."""
+    t = cfg.teacher
+    if t.source == "export":
+        return int(read_config(t.export)["embedding_size"])
+    if t.source == "shards" and train_index is not None and train_index.teacher_dim is not None:
+        return train_index.teacher_dim
+    return t.embedding_size
+
+
+def build_task(cfg: Config, num_classes: int, teacher_size: int | None = None) -> TransferTask:
+    """Student + criterion of a run; `teacher_size` (default `teacher_dim(cfg)`) sizes the regression map."""
     net = build_model(cfg.model.backbone, cfg.model.embedding_size, pretrained=cfg.model.pretrained,
-                      pretrained_file=cfg.model.pretrained_file, normalize=cfg.model.normalize)
+                      pretrained_file=cfg.model.pretrained_file, normalize=cfg.model.normalize,
+                      feature_blocks=cfg.model.feature_blocks, freeze_bn=cfg.model.freeze_bn)
     supervised = None
     if cfg.job == "train-teacher" or cfg.loss.supervised_weight > 0:
         supervised = ProxyAnchorLoss(num_classes, cfg.model.embedding_size, margin=cfg.loss.margin,
@@ -70,6 +85,7 @@ def build_task(cfg: Config, num_classes: int) -> TransferTask:
         "rkd": RKDLoss,
         "pkt": PKTLoss,
         "darkrank": DarkRankLoss,
+        "regression": lambda: EmbeddingRegressionLoss(cfg.model.embedding_size, teacher_size or teacher_dim(cfg)),
     }[cfg.loss.name]()
     return TransferTask(net, transfer=transfer, supervised=supervised, supervised_weight=cfg.loss.supervised_weight)
 
@@ -148,9 +164,12 @@ def valid_rows(batches) -> Iterator[tuple]:
 
 
 def run_evaluation(cfg: Config, net: nn.Module, dtype: torch.dtype, device: torch.device,
-                   preprocess: Preprocess | None = None) -> dict[str, Any]:
+                   preprocess: Preprocess | None = None, split: str | None = None,
+                   pictures: bool = True) -> dict[str, Any]:
+    """Recall@K and MAP@R of `net` on `split` (default the eval split); `pictures`: also the retrieval
+    picture and projector sample the config asks for (the test split's, not the validation split's)."""
     preprocess = preprocess or preprocess_for(cfg)
-    loader = make_loader(Path(cfg.data.root) / cfg.data.eval_split, batch_size=cfg.eval.batch_size, train=False,
+    loader = make_loader(Path(cfg.data.root) / (split or cfg.data.eval_split), batch_size=cfg.eval.batch_size, train=False,
                          image_size=cfg.data.image_size, workers=cfg.data.workers,
                          transform=build_transform(cfg.data.image_size, False, **preprocess.transform_kwargs()))
     cache = ThumbnailCache(mean=preprocess.mean, std=preprocess.std)
@@ -158,10 +177,10 @@ def run_evaluation(cfg: Config, net: nn.Module, dtype: torch.dtype, device: torc
                                                   device=device)
     result = evaluate(embeddings, labels, ks=tuple(cfg.eval.ks), metric=cfg.eval.metric, with_nmi=False)
     result["skipped"] = loader.skipped
-    if cfg.log.retrieval_images:  # a collective: every rank takes part, rank 0 gets the picture
+    if pictures and cfg.log.retrieval_images:  # a collective: every rank takes part, rank 0 gets the picture
         result["retrieval_picture"] = retrieval_picture(embeddings, labels, keys, cache, n=cfg.log.retrieval_images,
                                                         metric=cfg.eval.metric)
-    if cfg.log.projector_samples and cfg.log.tensorboard:  # a collective too; rank 0 gets the sample
+    if pictures and cfg.log.projector_samples and cfg.log.tensorboard:  # a collective too; rank 0 gets the sample
         result["projector"] = projector_sample(embeddings, labels, keys, cache, cfg.log.projector_samples,
                                                seed=cfg.run.seed)
     return result
@@ -176,8 +195,33 @@ def _export_student(net: nn.Module, folder: Path) -> None:
             export_model(net, folder)
 
 
+def _schedule(cfg: Config, steps_per_epoch: int, total_steps: int):
+    if cfg.optim.schedule == "step":
+        return warmup_step_decay(cfg.optim.warmup_steps, steps_per_epoch, cfg.optim.decay_epochs, cfg.optim.decay_gamma)
+    return warmup_cosine(cfg.optim.warmup_steps, total_steps)
+
+
+def _evaluate_and_select(cfg: Config, engine, selection: Selection, epoch: int, step: int, dtype: torch.dtype,
+                         preprocess: Preprocess, monitor: Monitor, run_dir: Path) -> dict[str, Any]:
+    """Test (and validation) metrics of the current student; exports it when the selection keeps it."""
+    net = engine.module.net
+    metrics = run_evaluation(cfg, net, dtype, engine.device, preprocess)
+    val = None
+    if cfg.data.val_split:
+        val = run_evaluation(cfg, net, dtype, engine.device, preprocess, split=cfg.data.val_split, pictures=False)
+    kept = selection.consider(epoch, metrics, val)
+    if kept:
+        _export_student(net, run_dir / "export")
+    if val is not None:
+        monitor.evaluation(epoch - 1, step, val, selection.best_val_r1, None, split="val")
+    monitor.evaluation(epoch - 1, step, metrics, selection.score, "export" if kept else None)
+    return metrics
+
+
 def train(cfg: Config) -> dict[str, Any]:
-    """Run a teacher-training or transfer job to the end; returns the final metrics on rank 0."""
+    """Run a teacher-training or transfer job to the end; returns on rank 0 the test metrics of the model
+    it kept (`recall`, `map_at_r`; see selection.py), with `val` (its validation metrics or None), `final`
+    (the last model's test metrics), `selected_epoch`, `select`, `epochs_run` and `stopped_early`."""
     init_distributed()
     rank, world = world_rank(), world_size()
     run_dir = prepare_run_dir(cfg)
@@ -186,7 +230,9 @@ def train(cfg: Config) -> dict[str, Any]:
     preprocess = preprocess_for(cfg)
     seed_everything(cfg.run.seed)
     train_index = ShardIndex.load(Path(cfg.data.root) / cfg.data.train_split)
-    task = build_task(cfg, train_index.classes)
+    if cfg.data.val_split:
+        ShardIndex.load(Path(cfg.data.root) / cfg.data.val_split)  # a missing validation split fails now
+    task = build_task(cfg, train_index.classes, teacher_dim(cfg, train_index) if cfg.job == "transfer" else None)
     pk = tuple(cfg.data.pk) if cfg.data.pk else None
     loader_args = dict(batch_size=cfg.data.batch_size, train=True, image_size=cfg.data.image_size,
                        views=cfg.data.views, seed=cfg.run.seed, workers=cfg.data.workers,
@@ -199,14 +245,16 @@ def train(cfg: Config) -> dict[str, Any]:
                        decode=cfg.data.decode)
     batches_per_epoch = len(make_loader(train_index, epoch=0, **loader_args))
     accumulation = cfg.deepspeed.gradient_accumulation_steps
-    total_steps = cfg.optim.epochs * batches_per_epoch // accumulation
+    steps_per_epoch = batches_per_epoch // accumulation
+    total_steps = cfg.optim.epochs * steps_per_epoch
     prepare_models(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"), task.net)
     if cfg.model.compile:
         task.net.compile()  # in place: parameter names, checkpoints and exports are unchanged
     ds_config = deepspeed_config(cfg.deepspeed.config, cfg.data.batch_size * cfg.data.views, accumulation, world,
                                  cfg.optim.grad_clip)
     engine = build_engine(task, ds_config, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps,
-                          total_steps, cfg.optim.proxy_lr_multiplier)
+                          total_steps, cfg.optim.proxy_lr_multiplier, schedule=_schedule(cfg, steps_per_epoch, total_steps),
+                          new_layers_only_steps=cfg.optim.warmup_epochs_new_layers * steps_per_epoch)
     device = engine.device
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     teacher = build_teacher(cfg, device) if cfg.job == "transfer" else None
@@ -216,12 +264,14 @@ def train(cfg: Config) -> dict[str, Any]:
     prepare_models(cfg, device, teacher)
     feed, timer = DeviceFeed.for_run(cfg, preprocess, device, dtype), StepTimer(sync=device_sync(device))
 
-    state = {"epoch": 0, "batch": 0, "best_r1": -1.0}
+    select = resolve_select(cfg.eval.select, cfg.data.val_split)
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "selection": None}
     start = resume_point(cfg, run_dir)
     if start is not None:
         saved = checkpoint.load(engine, start)
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved.get(k, state[k]) for k in state})
         monitor.say(f"resumed from {start} at epoch {state['epoch'] + 1}, batch {state['batch']}")
+    selection = Selection.restore(state["selection"], select, cfg.optim.early_stop_patience)
 
     metrics: dict[str, Any] = {}
     step = state["epoch"] * batches_per_epoch + state["batch"]
@@ -229,11 +279,13 @@ def train(cfg: Config) -> dict[str, Any]:
     logged["data"].update(mean=list(preprocess.mean), std=list(preprocess.std),
                           interpolation=preprocess.interpolation, crop_pct=preprocess.crop_pct)
     monitor.start(logged, [f"eval/recall@{min(cfg.eval.ks)}", "eval/map@r"], step)
-    for epoch in range(state["epoch"], cfg.optim.epochs):
+    stopped_early = selection.should_stop()
+    for epoch in range(state["epoch"], cfg.optim.epochs if not stopped_early else state["epoch"]):
         loader = make_loader(train_index, epoch=epoch, **loader_args)
         skip = state["batch"] if epoch == state["epoch"] else 0
         monitor.start_epoch(epoch, cfg.optim.epochs, len(loader), initial=skip)
         engine.train()
+        engine.module.backbone_frozen = epoch < cfg.optim.warmup_epochs_new_layers
         timer.start()
         last_loss = "-"  # the progress bar shows the last logged loss: no .item() sync on other steps
         for i, (images, labels, _, *stored) in enumerate(loader):
@@ -255,24 +307,28 @@ def train(cfg: Config) -> dict[str, Any]:
             monitor.advance({"loss": last_loss})
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                 checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
-                                {**state, "epoch": epoch, "batch": i + 1}, cfg.checkpoint.keep)
+                                {**state, "epoch": epoch, "batch": i + 1, "selection": selection.state()},
+                                cfg.checkpoint.keep)
             timer.next_step()
         monitor.end_epoch()
         skipped = loader.skipped
         if any(skipped.values()):
             monitor.say(f"epoch {epoch + 1}: rank {rank} skipped unreadable data {skipped}")
         state.update(epoch=epoch + 1, batch=0)
-        last = epoch + 1 == cfg.optim.epochs
-        if last or (epoch + 1) % cfg.eval.every_epochs == 0:
-            metrics = run_evaluation(cfg, engine.module.net, dtype, device, preprocess)
-            r1 = metrics["recall"][min(cfg.eval.ks)]
-            exported = r1 > state["best_r1"]
-            if exported:
-                state["best_r1"] = r1
-                _export_student(engine.module.net, run_dir / "export")
-            monitor.evaluation(epoch, step, metrics, state["best_r1"], "export" if exported else None)
+        if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.eval.every_epochs == 0:
+            metrics = _evaluate_and_select(cfg, engine, selection, epoch + 1, step, dtype, preprocess, monitor, run_dir)
+        stopped_early = selection.should_stop() and epoch + 1 < cfg.optim.epochs
+        state["selection"] = selection.state()
         checkpoint.save(engine, run_dir / "checkpoints", step, epoch, dict(state), cfg.checkpoint.keep)
+        if stopped_early:
+            monitor.say(f"stopping early after epoch {epoch + 1}: validation R@1 has not improved for "
+                        f"{selection.stale} evaluations (best {100 * selection.best_val_r1:.2f})")
+            break
+    if not metrics:  # no epoch evaluated here (optim.epochs 0, or a finished run resumed): the model as it is
+        metrics = _evaluate_and_select(cfg, engine, selection, state["epoch"], step, dtype, preprocess, monitor,
+                                       run_dir)
     monitor.close()
-    metrics["best_r1"] = state["best_r1"]
-    return metrics
-
+    kept = selection.best
+    return {**kept["test"], "val": kept["val"], "final": {**summary(metrics), "epoch": state["epoch"]},
+            "select": selection.select, "selected_epoch": kept["epoch"], "epochs_run": state["epoch"],
+            "stopped_early": stopped_early, "best_r1": selection.score, "skipped": metrics.get("skipped")}

@@ -253,26 +253,28 @@ class Monitor:
             self.writer.add_image(tag, image, step)
 
     def evaluation(self, epoch: int, step: int, metrics: dict[str, Any], best_r1: float,
-                   exported: str | None) -> None:
-        """Log one evaluation (from `run_evaluation`): scalars, retrieval picture, projector, a summary
-        line, and a `results.jsonl` line. Rank 0's call does it all; other ranks' calls do nothing."""
+                   exported: str | None, split: str = "eval") -> None:
+        """Log one evaluation (from `run_evaluation`): scalars under `split/` (`eval/` is the test split,
+        `val/` the validation split), retrieval picture, projector, a summary line, and a `results.jsonl`
+        line. Rank 0's call does it all; other ranks' calls do nothing. `best_r1`: the selection score."""
         picture = metrics.pop("retrieval_picture", None)
         projector = metrics.pop("projector", None)
         if not self.enabled:
             return
         recall = metrics["recall"]
-        self.scalars({f"eval/recall@{k}": v for k, v in recall.items()}, step)
-        self.scalars({"eval/map@r": metrics["map_at_r"]}, step)
+        self.scalars({f"{split}/recall@{k}": v for k, v in recall.items()}, step)
+        self.scalars({f"{split}/map@r": metrics["map_at_r"]}, step)
         if picture is not None:
-            self.image("eval/retrieval", picture, step)
+            self.image(f"{split}/retrieval", picture, step)
         if projector is not None and self.writer is not None:
             self.writer.flush()
             write_projector(self.log_dir, step, *projector)
-        self.say(f"epoch {epoch + 1}: " + "  ".join(f"R@{k} {100 * v:.2f}" for k, v in recall.items())
+        name = "" if split == "eval" else f" {split}"
+        self.say(f"epoch {epoch + 1}{name}: " + "  ".join(f"R@{k} {100 * v:.2f}" for k, v in recall.items())
                  + f"  MAP@R {100 * metrics['map_at_r']:.2f}")
         if self.results_file is not None:
             append_line(self.results_file, {
-                "epoch": epoch + 1, "step": step, "time": time.time(),
+                "epoch": epoch + 1, "step": step, "time": time.time(), "split": "test" if split == "eval" else split,
                 "recall": {str(k): v for k, v in recall.items()}, "map_at_r": metrics["map_at_r"],
                 "best_r1": best_r1, "exported": exported,
             })

@@ -45,11 +45,22 @@ class TransferTask(nn.Module):
         self.transfer = transfer
         self.criterion = supervised  # named `criterion` so the engine gives it the proxy learning rate
         self.supervised_weight = supervised_weight
+        self.backbone_frozen = False  # warm-up of the new layers: no gradient into `net.backbone`
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's embeddings; while `backbone_frozen`, its backbone runs without autograd (as
+        with requires_grad off in the reference code: no backward through it, nothing to update)."""
+        backbone, head = getattr(self.net, "backbone", None), getattr(self.net, "head", None)
+        if not self.backbone_frozen or backbone is None or head is None:
+            return self.net(images)
+        with torch.no_grad():
+            features = backbone(images)
+        return head(features)
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        embeddings = self.net(images)
+        embeddings = self.embed(images)
         total = embeddings.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         if self.transfer is not None:
