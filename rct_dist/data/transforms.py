@@ -63,7 +63,12 @@ class Preprocess:
     @classmethod
     def of_backbone(cls, backbone: str) -> Preprocess:
         """The preprocessing of a timm backbone's pretrained config (`name` or `name.tag`; the default
-        tag otherwise). A model timm has no config for keeps the ImageNet defaults."""
+        tag otherwise). A model timm has no config for keeps the ImageNet defaults, as does a
+        `torchvision/<name>` backbone (torchvision's classification weights: ImageNet mean/std,
+        bilinear resize, crop 224 of 256)."""
+        if backbone.startswith("torchvision/"):
+            return cls(mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD),
+                       interpolation="bilinear", crop_pct=0.875)
         import rct_dist.models.small_cnn  # noqa: F401  (registers the small CNNs, whose configs are ImageNet's)
         from timm.models import get_pretrained_cfg
 

@@ -1,9 +1,15 @@
-"""Models: timm backbones with the paper's embedding head, frozen teachers, safetensors and ONNX export.
+"""Models: timm and torchvision backbones with the paper's embedding head, frozen teachers, safetensors and ONNX export.
 
 Importing this package registers the small CNNs (`rct_cnn4`, `rct_cnn3_small`) with timm.
 """
 
-from rct_dist.models.embedding import EmbeddingHead, EmbeddingModel, build_model
+from rct_dist.models.embedding import (
+    EmbeddingHead,
+    EmbeddingModel,
+    RawFeatureModel,
+    build_model,
+    build_raw_features,
+)
 from rct_dist.models.export import (
     export_model,
     export_onnx,
@@ -18,8 +24,10 @@ __all__ = [
     "EmbeddingHead",
     "EmbeddingModel",
     "FrozenTeacher",
+    "RawFeatureModel",
     "SmallCNN",
     "build_model",
+    "build_raw_features",
     "export_model",
     "export_onnx",
     "load_as_timm",

@@ -1,7 +1,8 @@
 """Export folder of an EmbeddingModel: safetensors weights + JSON config, never pickle.
 
 Files:
-- `config.json`: the model config (backbone, embedding_size, normalize, in_chans) + format and version;
+- `config.json`: the model config (backbone, embedding_size, normalize, in_chans; feature_blocks and
+  freeze_bn when set) + format and version;
 - `model.safetensors`: the EmbeddingModel state dict (`backbone.*`, `head.*`), for `load_exported`;
 - `backbone.safetensors`: the backbone alone with timm's own key names, so timm loads it as
   pretrained weights (`load_as_timm`, or `timm.create_model(backbone, pretrained=True,
@@ -35,6 +36,7 @@ from torch import nn
 
 from rct_dist.atomic import atomic_write
 from rct_dist.models.embedding import EmbeddingModel, build_model, create_backbone, head_for
+from rct_dist.models.torchvision_backbones import is_torchvision
 
 FORMAT = "rct-dist-embedding"
 FORMAT_VERSION = 1
@@ -49,6 +51,8 @@ ONNX_EXTRA_HINT = 'pip install "rct-dist[onnx]"'
 ONNX_INPUT, ONNX_OUTPUT = "images", "embeddings"
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 CONFIG_KEYS = {"backbone": str, "embedding_size": int, "normalize": bool, "in_chans": int}
+# recorded only when set (older exports lack them): build_model's defaults apply when absent
+OPTIONAL_KEYS = {"feature_blocks": int, "freeze_bn": bool}
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,11 +108,12 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     missing = sorted(set(CONFIG_KEYS) - set(config))
     if missing:
         raise ValueError(f"{path} lacks the keys {missing}")
-    for key, kind in CONFIG_KEYS.items():
+    kinds = {**CONFIG_KEYS, **{k: v for k, v in OPTIONAL_KEYS.items() if config.get(k) is not None}}
+    for key, kind in kinds.items():
         # bool is a subclass of int: reject True as a size
         if not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool)):
             raise ValueError(f"{path}: {key} must be a {kind.__name__}, got {config[key]!r}")
-    return {key: config[key] for key in CONFIG_KEYS}
+    return {key: config[key] for key in kinds}
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -156,6 +161,11 @@ def load_as_timm(folder: str | os.PathLike) -> nn.Sequential:
     `backbone.safetensors` as pretrained weights; `[1]` is the EmbeddingHead with the exported weights.
     """
     config = read_config(folder)
+    if is_torchvision(config["backbone"]):
+        raise ValueError(
+            f"load_as_timm needs a timm backbone; {folder} holds {config['backbone']!r}: use load_exported "
+            f"(its {BACKBONE_FILE} has torchvision's key names for the cut model)"
+        )
     folder = Path(folder)
     backbone_path = folder / BACKBONE_FILE
     tensors = _read_tensors(backbone_path)
