@@ -21,7 +21,12 @@ def _make_shards(args: argparse.Namespace) -> None:
 
     from rct_dist.data import shards
 
-    print(json.dumps(shards.run(args), indent=2))
+    try:
+        summary = shards.run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:  # bad arguments or data: one line
+        print(f"rct-dist make-shards: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    print(json.dumps(summary, indent=2))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -39,13 +44,20 @@ def _eval(args: argparse.Namespace) -> None:
 
     from rct_dist.config import load_config
     from rct_dist.distributed import world_rank
-    from rct_dist.jobs import run_eval
+    from rct_dist.jobs import run_eval, run_eval_raw
     from rct_dist.distributed.shutdown import finish
 
-    if args.config is None and not (args.export and args.data):
+    if args.raw:
+        if args.export:
+            raise SystemExit("rct-dist eval: --raw evaluates model.backbone's pretrained features; drop --export")
+        if args.config is None and not args.data:
+            raise SystemExit("rct-dist eval --raw: give --config RUN.yaml or --data SPLIT_DIR (and model.* overrides)")
+        result = run_eval_raw(load_config(args.config, args.overrides), data=args.data, with_nmi=args.nmi)
+    elif args.config is None and not (args.export and args.data):
         raise SystemExit("rct-dist eval: give --config RUN.yaml, or --export FOLDER and --data SPLIT_DIR")
-    result = run_eval(load_config(args.config, args.overrides), export=args.export, data=args.data,
-                      with_nmi=args.nmi)
+    else:
+        result = run_eval(load_config(args.config, args.overrides), export=args.export, data=args.data,
+                          with_nmi=args.nmi)
     if world_rank() == 0:
         print(json.dumps(result, indent=2), flush=True)
     finish()
@@ -173,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--export", help="export folder (default: the run's runs/<name>/export)")
     evaluation.add_argument("--data", help="split folder holding index.json (default: the run's eval split)")
     evaluation.add_argument("--nmi", action="store_true", help="also NMI (k-means: slow on many classes)")
+    evaluation.add_argument("--raw", action="store_true", help="evaluate the raw pretrained features of "
+                            "model.backbone (model.pretrained_file, model.feature_blocks): GAP + GMP, no "
+                            "embedding layer, nothing trained")
     evaluation.set_defaults(run=_eval)
     embed = sub.add_parser("embed", help="embeddings.npy, labels.npy, keys.txt of a split; optionally new shards "
                            "carrying them as stored teacher embeddings")

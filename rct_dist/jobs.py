@@ -28,7 +28,7 @@ from rct_dist.atomic import atomic_write
 from rct_dist.data.shards.writer import INDEX, clean_temp_files
 from rct_dist.distributed import all_gather_stats, world_rank, world_size
 from rct_dist.eval import evaluate, extract_embeddings
-from rct_dist.models import EmbeddingModel, export_model, load_exported
+from rct_dist.models import EmbeddingModel, build_raw_features, export_model, load_exported
 from rct_dist.train import checkpoint
 from rct_dist.train.engine import init_distributed
 from rct_dist.train.loop import valid_rows, build_task
@@ -60,7 +60,12 @@ def embed_split(export: Path, split: Path, cfg: Config, device: torch.device) ->
     evaluation, and so does the preprocessing (the export's backbone's timm config under the `data.*`
     overrides), so an export is measured exactly as its run measured it.
     """
-    model = load_exported(export).to(device)
+    return embed_with(load_exported(export), split, cfg, device)
+
+
+def embed_with(model: torch.nn.Module, split: Path, cfg: Config, device: torch.device) -> Embedded:
+    """`embed_split` for any model whose `config["backbone"]` names its backbone (preprocessing)."""
+    model = model.to(device).eval()
     preprocess = preprocess_for(cfg, model.config["backbone"])
     loader = make_loader(split, batch_size=cfg.eval.batch_size, train=False, image_size=cfg.data.image_size,
                          workers=cfg.data.workers,
@@ -78,6 +83,22 @@ def run_eval(cfg: Config, export: str | os.PathLike | None = None, data: str | o
     embeddings, labels, keys = embed_split(export, data, cfg, _device())
     metrics = evaluate(embeddings, labels, ks=tuple(cfg.eval.ks), metric=cfg.eval.metric, with_nmi=with_nmi)
     return {"export": str(export), "data": str(data), "samples": len(keys), **metrics}
+
+
+def run_eval_raw(cfg: Config, data: str | os.PathLike | None = None, with_nmi: bool = False) -> dict[str, Any]:
+    """Recall@K, MAP@R (and NMI) of the raw pretrained features of `cfg.model.backbone` (with
+    `model.pretrained` / `model.pretrained_file` / `model.feature_blocks`): GAP + GMP of its last feature
+    map, no embedding layer, nothing trained. The first baseline of any transfer: what the student's
+    starting point already retrieves."""
+    init_distributed()
+    m = cfg.model
+    model = build_raw_features(m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
+                               feature_blocks=m.feature_blocks)
+    data = Path(data) if data else Path(cfg.data.root) / cfg.data.eval_split
+    embeddings, labels, keys = embed_with(model, data, cfg, _device())
+    metrics = evaluate(embeddings, labels, ks=tuple(cfg.eval.ks), metric=cfg.eval.metric, with_nmi=with_nmi)
+    return {"raw_features": m.backbone, "pretrained": bool(m.pretrained or m.pretrained_file),
+            "dim": int(embeddings.shape[1]), "data": str(data), "samples": len(keys), **metrics}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

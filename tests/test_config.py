@@ -46,6 +46,12 @@ def test_shipped_configs_cover_the_paper_settings():
         teacher = load_config(CONFIGS / dataset / "teacher.yaml", [])
         assert (teacher.job, teacher.loss.name, teacher.model.backbone, teacher.model.embedding_size) == (
             "train-teacher", "proxy_anchor", "resnet50", 512)
+        # The Proxy-Anchor authors' teacher recipe: random batches of 180, one view, a warm-up epoch of the
+        # new layers, step decay; BatchNorm frozen except on SOP (their --bn-freeze 0 there).
+        assert (teacher.data.pk, teacher.data.views, teacher.data.batch_size) == (None, 1, 180)
+        assert (teacher.optim.schedule, teacher.optim.warmup_epochs_new_layers, teacher.optim.epochs) == ("step", 1, 60)
+        assert (teacher.optim.decay_epochs, teacher.optim.decay_gamma, teacher.model.freeze_bn, teacher.optim.lr) == {
+            "cub": (10, 0.5, True, 1e-4), "cars": (20, 0.5, True, 1e-4), "sop": (20, 0.25, False, 6e-4)}[dataset]
         export = f"{teacher.run.out_dir}/{teacher.run.name}/export"
         for name, backbone, dim in (("self_transfer", "resnet50", 512), ("compression", "resnet18", 128),
                                     ("dim_reduction", "resnet50", 64)):
@@ -53,7 +59,8 @@ def test_shipped_configs_cover_the_paper_settings():
             assert (c.job, c.loss.name, c.model.backbone, c.model.embedding_size) == ("transfer", "rc", backbone, dim)
             assert (c.teacher.export, c.teacher.backbone, c.teacher.embedding_size) == (export, "resnet50", 512)
             assert (c.data.pk, c.data.views, c.data.image_size, c.optim.lr, c.optim.weight_decay) == (
-                [45, 2], 2, 224, 1e-4, 1e-4)
+                [30, 3], 2, 224, 1e-4, 1e-4)  # 90 images as 30 classes x 3 (--IPC 3), 2 views
+            assert (c.optim.schedule, c.optim.epochs) == ("cosine", 150 if dataset == "sop" else 90)
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_CONFIGS, ids=lambda p: p.name)
