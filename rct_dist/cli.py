@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     configs.add_argument("--resolved", action="store_true",
                          help="print the resolved config (base files and overrides applied, every key)")
     configs.set_defaults(run=_configs)
+    from rct_dist.study import add_study_arguments, main_study
+
+    study = sub.add_parser("study", help="a grid of settings x methods x seeds through the trainer (resumable); "
+                           "results.md, results.jsonl, results.svg")
+    add_study_arguments(study)
+    _local_rank_argument(study, argparse.SUPPRESS)
+    study.set_defaults(run=main_study)
     world = sub.add_parser("world", help="join the job the launcher started and print what every rank sees "
                            "(rank, world size, local rank, master, backend): a launch check")
     _local_rank_argument(world, argparse.SUPPRESS)

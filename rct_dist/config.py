@@ -34,6 +34,7 @@ from rct_dist.atomic import atomic_write
 BUILTIN_PACKAGE = "rct_dist"
 BUILTIN_FOLDER = "configs"
 DEEPSPEED_FOLDER = "deepspeed"  # DeepSpeed JSONs, under the built-in folder
+STUDIES_FOLDER = "studies"  # study files (`rct-dist study`), under the built-in folder; not run configs
 
 
 class ConfigError(ValueError):
@@ -471,7 +472,26 @@ def builtin_configs() -> dict[str, Path]:
     """Built-in run configs by name (`cub/teacher`), sorted; DeepSpeed JSONs are listed by
     `builtin_deepspeed_configs`."""
     folder = builtin_folder()
-    return {p.relative_to(folder).with_suffix("").as_posix(): p for p in sorted(folder.rglob("*.yaml"))}
+    return {p.relative_to(folder).with_suffix("").as_posix(): p for p in sorted(folder.rglob("*.yaml"))
+            if p.relative_to(folder).parts[0] != STUDIES_FOLDER}
+
+
+def builtin_studies() -> dict[str, Path]:
+    """Built-in study files by name (`omniglot`), for `rct-dist study NAME`."""
+    return {p.stem: p for p in sorted((builtin_folder() / STUDIES_FOLDER).glob("*.yaml"))}
+
+
+def resolve_study_path(name_or_path: str | os.PathLike) -> Path:
+    """A study file: an existing path as given, else a built-in study name (`omniglot` or `studies/omniglot`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removesuffix(".yml").removeprefix(f"{STUDIES_FOLDER}/")
+    builtin = builtin_studies()
+    if name in builtin:
+        return builtin[name]
+    raise ConfigError(f"study {str(name_or_path)!r} is neither a file nor a built-in study{_near(name, builtin)} "
+                     f"(built-in: {', '.join(builtin) or 'none'})")
 
 
 def builtin_deepspeed_configs() -> dict[str, Path]:

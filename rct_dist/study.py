@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from rct_dist.atomic import atomic_write
-from rct_dist.config import SECTIONS, ConfigError, load_config, resolve_config_path
+from rct_dist.config import SECTIONS, ConfigError, load_config, resolve_config_path, resolve_study_path
 from rct_dist.svg_plot import Bar, Line, grouped_bars
 
 TRANSFER_METHODS = ("rc", "rkd", "pkt", "darkrank", "regression")
@@ -278,7 +278,7 @@ def _config(value: Any, folder: Path) -> tuple[str | None, str | None, str | Non
 
 def load_study(path: str | Path) -> Study:
     """The validated study file: every key, name and override checked, one-line errors naming the key."""
-    path = Path(path)
+    path = resolve_study_path(path)
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except OSError as error:
