@@ -141,7 +141,8 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-    backbone = choose_backbone(backbone, say)
+    # digits are a pipeline check: the small CNNs unless a backbone is asked for
+    backbone = choose_backbone("cnn" if dataset == "digits" and backbone == "auto" else backbone, say)
     what_models, teacher_overrides, student_overrides, model_overrides, (student_epochs, teacher_default) = \
         RECIPES[backbone]
     out_dir = Path(out)
