@@ -2,8 +2,12 @@
 
 DeepSpeed writes a `latest` file, but a job killed while ranks are still writing leaves a tag
 folder that looks like a checkpoint and is not one. Here a tag counts only once every rank has
-returned from `save_checkpoint` and rank 0 has atomically written `COMPLETE` (the step and epoch)
-into it. Loading forces torch's weights-only unpickler for everything DeepSpeed reads, allowing the
+returned from `save_checkpoint` and rank 0 has atomically written `COMPLETE` into it: the step, the
+epoch, and every file of the tag with its size. A complete tag is never rewritten in place (its marker
+goes first, on every rank's view, before a save of the same step starts); the folders of interrupted
+saves are removed once a later save is complete; `usable_checkpoints` checks each marker's files and
+sizes, so a damaged checkpoint is passed over (with a warning) for the previous complete one.
+Loading forces torch's weights-only unpickler for everything DeepSpeed reads, allowing the
 few DeepSpeed and Python types its checkpoint files hold, and nothing else.
 """
 
@@ -29,27 +33,75 @@ def tag_for(step: int) -> str:
 
 
 def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, tag folder) of every complete checkpoint in `folder`, oldest first."""
+    """(step, tag folder) of every checkpoint in `folder` marked complete, oldest first."""
     found = []
     for marker in folder.glob(f"step*/{MARKER}"):
         found.append((json.loads(marker.read_text())["step"], marker.parent))
     return sorted(found)
 
 
+def _files(tag_folder: Path) -> dict[str, int]:
+    """Every file under the tag folder (its marker aside) with its size in bytes."""
+    return {p.relative_to(tag_folder).as_posix(): p.stat().st_size
+            for p in sorted(tag_folder.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def damage(tag_folder: Path) -> str | None:
+    """Why a complete-marked checkpoint cannot be trusted (a file its marker vouches for is missing or has
+    another size), or None. Markers of older versions, without a file list, vouch for nothing more."""
+    vouched = json.loads((tag_folder / MARKER).read_text()).get("files")
+    if vouched is None:
+        return None
+    for name, size in vouched.items():
+        path = tag_folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, its marker says {size}"
+    return None
+
+
+def usable_checkpoints(folder: Path, warn=None) -> list[tuple[int, Path]]:
+    """`complete_checkpoints` without the damaged ones (each said through `warn`), oldest first."""
+    usable = []
+    for step, path in complete_checkpoints(folder):
+        reason = damage(path)
+        if reason is None:
+            usable.append((step, path))
+        elif warn is not None:
+            warn(f"checkpoint {path} is damaged ({reason}): passed over")
+    return usable
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def save(engine, folder: Path, step: int, epoch: int, client_state: dict[str, Any], keep: int) -> Path:
     """Every rank calls this; returns the tag folder once it is complete on all ranks."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
-    if dist.is_initialized():
-        dist.barrier()
     path = folder / tag
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        marker = json.dumps({"step": step, "epoch": epoch}).encode()
+    if _is_rank0() and (path / MARKER).exists():  # a save of this step again: unmark it before writing
+        (path / MARKER).unlink()
+    _barrier()
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+    _barrier()
+    if _is_rank0():
+        marker = json.dumps({"step": step, "epoch": epoch, "files": _files(path)}).encode()
         atomic_write(path / MARKER, lambda stream: stream.write(marker))
-        for _, old in complete_checkpoints(folder)[:-keep] if keep > 0 else []:
+        complete = complete_checkpoints(folder)
+        for _, old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+        kept = {p for _, p in complete}
+        for leftover in folder.glob("step*"):  # interrupted saves: tag folders that never got their marker
+            if leftover.is_dir() and leftover not in kept:
+                shutil.rmtree(leftover, ignore_errors=True)
+    _barrier()
     return path
 
 
@@ -86,6 +138,9 @@ def load(engine, tag_folder: Path) -> dict[str, Any]:
     """Restore engine, optimizer and scheduler state; returns the client state saved with it."""
     if not (tag_folder / MARKER).exists():
         raise FileNotFoundError(f"{tag_folder} is not a complete checkpoint (no {MARKER} file)")
+    reason = damage(tag_folder)
+    if reason is not None:
+        raise RuntimeError(f"checkpoint {tag_folder} is damaged: {reason}")
     with weights_only_loads():
         path, client_state = engine.load_checkpoint(str(tag_folder.parent), tag=tag_folder.name)
     if path is None:

@@ -136,8 +136,8 @@ def prepare_run_dir(cfg: Config) -> Path:
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     if not cfg.run.resume:
         return None
-    if cfg.run.resume == "auto":
-        found = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+    if cfg.run.resume == "auto":  # the newest complete checkpoint whose files are all there, whole
+        found = checkpoint.usable_checkpoints(run_dir / "checkpoints", warn=print if world_rank() == 0 else None)
         return found[-1][1] if found else None
     return Path(cfg.run.resume)
 
@@ -305,7 +305,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 monitor.scalars(values, step)
                 last_loss = f"{values['loss/total']:.4f}"
             monitor.advance({"loss": last_loss})
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and i + 1 < len(loader):
+                # (the epoch's last step is saved once, at the epoch's end, with the evaluation's state)
                 checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
                                 {**state, "epoch": epoch, "batch": i + 1, "selection": selection.state()},
                                 cfg.checkpoint.keep)
