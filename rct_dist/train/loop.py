@@ -3,7 +3,8 @@
 One batch's way: shards -> loader (k views per image) -> frozen teacher, outside the engine (no grad)
 -> student in the DeepSpeed engine -> loss gathered across ranks -> engine.backward/step -> logs and
 checkpoints. Evaluation embeds the held-out split on every rank, gathers by sample key, and reports
-Recall@K / MAP@R; the best student by R@1 is exported.
+Recall@K / MAP@R on the test (and validation) split; the student the selection keeps is exported
+(selection.py: the last, the best on validation, or only when asked the best on test).
 """
 
 from __future__ import annotations
