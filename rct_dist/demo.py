@@ -77,12 +77,12 @@ def download_omniglot(folder: Path, say: Callable[[str], None]) -> Path | None:
         return None
 
 
-# The runs of the comparison, in order; the students share one architecture.
+# The runs of the comparison, in order (name, loss); the students share one architecture.
 RUNS = (
-    ("teacher, labels", "train-teacher"),
-    ("student, labels", "train-teacher"),
-    ("student <- teacher, RC", "transfer"),
-    ("student <- teacher, RKD", "transfer"),
+    ("teacher, labels", "proxy_anchor"),
+    ("student, labels", "proxy_anchor"),
+    ("student <- teacher, RC", "rc"),
+    ("student <- teacher, RKD", "rkd"),
 )
 RUN_NAMES = ("teacher", "student-labels", "rc", "rkd")
 MOBILENET = ["model.backbone=torchvision/mobilenet_v2", f"model.pretrained_file={WEIGHTS}", "model.freeze_bn=true"]
@@ -190,7 +190,8 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
 
     rows = []
     teacher_export = out_dir / "teacher" / "export"
-    for (name, job), run_name in zip(RUNS, RUN_NAMES):
+    for (name, loss), run_name in zip(RUNS, RUN_NAMES):
+        job = "train-teacher" if loss == "proxy_anchor" else "transfer"
         is_teacher = run_name == "teacher"
         # With a validation split every epoch is evaluated and the best on validation kept; without one
         # only the last epoch is (the test classes never choose).
@@ -198,7 +199,7 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
         cfg = load_config(None, [
             f"job={job}", f"run.name={run_name}", f"run.out_dir={out_dir}", "run.overwrite=true",
             f"data.root={shard_dir}", "data.views=2", "data.workers=2", *model_overrides, *data_overrides,
-            "loss.name=proxy_anchor" if job == "train-teacher" else "teacher.source=export",
+            f"loss.name={loss}", *(["teacher.source=export"] if job == "transfer" else []),
             *([f"teacher.export={teacher_export}"] if job == "transfer" else []),
             f"optim.epochs={teacher_epochs if is_teacher else epochs}", f"eval.every_epochs={every}",
             "deepspeed.config=zero2_fp32",  # CPU-safe: no bf16/fp16 mode

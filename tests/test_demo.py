@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from rct_dist import demo
+from rct_dist.config import load_config
 from rct_dist.data.shards.omniglot import PACKED_NAME, pack, read_packed
 from rct_dist.demo import EMBEDDED, RUNS, conclusion, find_omniglot, run_demo
 
@@ -27,6 +28,7 @@ MAX_BYTES = 1_500_000
 
 def check_rows(rows) -> None:
     assert [name for name, _, _ in rows] == [name for name, _ in RUNS]
+    assert [loss for _, loss in RUNS] == ["proxy_anchor", "proxy_anchor", "rc", "rkd"]
     for name, recall, seconds in rows:
         assert 0.0 < recall[1] <= recall[8] <= 1.0, name
         assert seconds > 0
@@ -113,6 +115,8 @@ def test_demo_falls_back_to_the_embedded_copy(tmp_path, monkeypatch):
     index = json.loads((tmp_path / "shards-embedded-6-0" / "test" / "index.json").read_text())
     assert index["made_by"]["args"]["root"] == str(EMBEDDED)
     assert index["class_names"] == [f"evaluation/{c:04d}" for c in range(6)]
+    losses = {run: load_config(str(tmp_path / run / "config.yaml")).loss.name for run in ("teacher", "rc", "rkd")}
+    assert losses == {"teacher": "proxy_anchor", "rc": "rc", "rkd": "rkd"}
     check_table_and_conclusion(said, rows)
 
 
@@ -163,6 +167,8 @@ def test_demo_with_pretrained_mobilenet(tmp_path, monkeypatch):
     assert any("best on validation" in line for line in said), said
     config = (tmp_path / "rc" / "config.yaml").read_text()
     assert "torchvision/mobilenet_v2" in config and "freeze_bn: true" in config and "val_split: val" in config
+    for run, loss in (("teacher", "proxy_anchor"), ("student-labels", "proxy_anchor"), ("rc", "rc"), ("rkd", "rkd")):
+        assert load_config(str(tmp_path / run / "config.yaml")).loss.name == loss, run  # each run its own loss
     check_table_and_conclusion(said, rows)
 
 
