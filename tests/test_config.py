@@ -11,7 +11,7 @@ import yaml
 from rct_dist.config import METRICS, Config, ConfigError, config_to_dict, load_config, resolve_deepspeed_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "rct_dist" / "configs"
-RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "deepspeed" not in p.relative_to(CONFIGS).parts)
+RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if not {"deepspeed", "studies"} & set(p.relative_to(CONFIGS).parts))
 DEEPSPEED_CONFIGS = sorted((CONFIGS / "deepspeed").glob("*.json"))
 
 
