@@ -20,7 +20,6 @@ untrained CNN already retrieves held-out digits well).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 import urllib.request
@@ -160,8 +159,7 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
     classes = classes or (80 if backbone == "mobilenet_v2" else 100)
     val_classes = classes // 4 if backbone == "mobilenet_v2" and omniglot is not None else 0
     if omniglot is not None:
-        source, argv = "omniglot", ["--source", "omniglot", "--root", str(omniglot), "--limit-classes", str(classes),
-                                    *(["--val-classes", str(val_classes)] if val_classes else [])]
+        shard_args = dict(source="omniglot", root=omniglot, limit_classes=classes, val_classes=val_classes or None)
         train_classes = classes - val_classes
         # The authors' P x K = 30 x 3 for pretrained students, 45 x 2 for the small CNNs (fewer on a tiny subset).
         p, k = (min(30, train_classes), 3) if backbone == "mobilenet_v2" else (min(45, train_classes), 2)
@@ -172,7 +170,7 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
         split = f"{train_classes} training, {val_classes} validation" if val_classes else f"{classes} training"
         say(f"{what}: first {classes} background classes ({split}) and {classes} held-out classes")
     else:
-        source, argv = "digits", ["--source", "digits"]
+        shard_args = dict(source="digits")
         data_overrides = ["data.pk=[5,18]", "data.batch_size=90"]
         say("scikit-learn's digits: digits cannot show transfer (an untrained CNN already retrieves held-out "
             "digit classes well), so read this table as a check that the pipeline runs.")
@@ -182,9 +180,7 @@ def run_demo(data: str | None = None, out: str = "runs/demo", epochs: int | None
                            f"shards-{'embedded' if omniglot == EMBEDDED else 'omniglot'}-{classes}-{val_classes}")
     init_distributed()
     if world_rank() == 0:
-        parser = argparse.ArgumentParser()
-        shards.add_arguments(parser)
-        shards.run(parser.parse_args([*argv, "--out", str(shard_dir), "--shard-size", "50", "--workers", "2"]))
+        shards.make_shards(out=shard_dir, shard_size=50, workers=2, **shard_args)
     if dist.is_initialized():
         dist.barrier()
 
