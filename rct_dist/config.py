@@ -134,6 +134,8 @@ class OptimConfig:
     early_stop_patience: int = 0  # stop after N evaluations without a better validation R@1; 0: never
     grad_clip: float = 0.0
     proxy_lr_multiplier: float = 100.0
+    skip_nonfinite: bool = True  # a NaN/Inf loss or gradient on any rank skips the optimizer step on all ranks
+    max_nonfinite_steps: int = 5  # more skipped steps than this in a row stop the job (0: the first one does)
 
 
 @dataclass
@@ -205,7 +207,7 @@ _NON_NEGATIVE = (
     ("run", "seed"), ("data", "workers"), ("data", "shuffle_buffer"), ("loss", "margin"),
     ("loss", "supervised_weight"), ("optim", "weight_decay"), ("optim", "warmup_steps"),
     ("optim", "grad_clip"), ("optim", "epochs"), ("optim", "warmup_epochs_new_layers"),
-    ("optim", "early_stop_patience"), ("log", "retrieval_images"), ("log", "projector_samples"), ("checkpoint", "every_steps"),
+    ("optim", "early_stop_patience"), ("optim", "max_nonfinite_steps"), ("log", "retrieval_images"), ("log", "projector_samples"), ("checkpoint", "every_steps"),
 )
 _CHOICES = (
     (("teacher", "source"), TEACHER_SOURCES), (("teacher", "dtype"), TEACHER_DTYPES),
