@@ -90,7 +90,7 @@ def test_two_process_zero2_bf16_checkpoint_and_resume(digits_shards, tmp_path):
     # Lose the epoch-end checkpoint, as if the job died after step 20, then resume for two epochs.
     shutil.rmtree(checkpoints / f"step{per_epoch:09d}")
     log = torchrun(cfg, "run.resume=auto", "optim.epochs=2")
-    assert re.search(r"resumed from \S+step000000020 at epoch 1, batch 20", log)
+    assert re.search(r"resumed from \S+step000000020 at epoch 1, sample 800", log)  # 20 steps x 2 ranks x 20
     assert [step for step, _ in complete_checkpoints(checkpoints)][-1] == 2 * per_epoch
 
 

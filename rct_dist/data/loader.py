@@ -1,32 +1,31 @@
-"""Streaming loader over webdataset shards, with the same number of batches on every rank.
+"""Loader over the shards of a split: an exact, seeded plan per epoch, read by byte offset.
 
-DDP hangs when one rank runs out of batches before the others, and retrieval metrics are wrong when
-an eval sample is seen twice or never. Both are settled up front, from `index.json` alone, so every
-rank computes the same plan without communicating (`plan_epoch`):
+Every rank builds the same sample table (`members.py`: where each sample lies, from tar headers) and
+the same epoch plan (`epoch_plan.py`: a global sequence of batches from (seed, epoch) alone), so
+ranks agree without communicating and:
 
-* Shards are ordered per epoch (train: shuffled with seed + epoch, identically on every rank) and
-  rank r reads `order[r::world]`; webdataset's `split_by_worker` then splits those among workers.
-* Train: every rank yields `floor(samples / (world * batch_size))` full batches (`samples` is the
-  index's count or `samples_per_epoch`). A rank whose shards run out first reads them again
-  (`with_epoch`), so with uneven shards a few samples repeat on one rank while another rank leaves
-  a few out; with `resampled=True` shards are drawn with replacement instead.
-* Eval: each sample is read exactly once, by the rank that owns its shard. Every rank yields
-  `max_r ceil(samples_r / batch_size)` full batches: the tail is padded with copies of the rank's
-  last sample, flagged `valid=False`. Drop rows where `valid` is False before gathering embeddings.
+* DDP never hangs on uneven data: every rank yields the same number of full batches;
+* eval reads each readable sample exactly once across ranks (padding rows flagged `valid=False`:
+  drop them before gathering embeddings);
+* the samples an epoch sees, in order, do not depend on the world size or the worker count, and a
+  mid-epoch resume (`start_samples`) starts at its point without reading anything before it;
+* every augmentation draws from a stream seeded by (seed, epoch, unit, slot), in the main process or
+  in any worker, so a resumed run sees exactly the crops and flips of the uninterrupted one.
 
-Batches are made in the main process from the workers' samples (`unbatched` then `batched`), which
-is what lets batch counts, padding and P x K class balance be exact whatever the worker count.
+Workers (`workers`) each build whole batches (the DataLoader hands out batch numbers round-robin and
+returns them in order). Members other than the image, `cls` and `teacher.npy` are never read, so a
+shard cannot make the loader unpickle anything; a stored teacher embedding is decoded with
+`np.load(..., allow_pickle=False)`.
 
-Samples may carry a stored teacher embedding, `teacher.npy` (written by `rct-dist embed --into-shards`,
-announced by `"teacher": {"dim": ...}` in index.json): `teacher_embeddings=True` adds it to every batch
-as a (B, dim) float32 tensor, after the keys. It is decoded with `np.load(..., allow_pickle=False)`.
+Damaged data neither stops training nor passes silently; per kind, in `ShardLoader.skipped`, logged at
+the end of every epoch (the trainer also writes them to TensorBoard and results.jsonl):
 
-Unreadable data neither stops training nor passes silently: a truncated or unreadable shard is read
-up to the damage (one or two `read_errors`: webdataset reports the broken member and the broken
-stream), a corrupt or incomplete sample is dropped (`samples`). Each is logged from the worker and
-counted in shared memory, one slot per worker, readable as `ShardLoader.skipped` and summarised in a
-warning at the end of every epoch. Samples lost behind a shard's damage cannot be counted one by one;
-in eval they show as fewer `valid` rows than the index's sample count.
+* `damaged_shards`, `lost_samples`: shards that end early or hold a corrupt header, and the samples
+  their index announced that cannot be reached (or have no readable image or label), found when the
+  table is built;
+* `bad_images`: images (or stored teacher embeddings) that fail to decode. In training the slot takes
+  another image of the same batch (of the same class when there is one) with its own augmentation,
+  so batches stay full and P x K; in eval the row is flagged invalid.
 
 `decode="gpu"` (train only) leaves images encoded: batches carry a list of the samples' raw bytes
 in place of the image tensor, for `rct_dist.data.transforms.DeviceDecode` to decode and augment on
@@ -38,28 +37,31 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
+import os
 import random
-from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import get_worker_info
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from rct_dist.data.epoch_plan import EpochPlan, augment_seed, plan_epoch
+from rct_dist.data.members import TEACHER_FIELD, SampleTable, build_table
 from rct_dist.data.transforms import build_transform
 from rct_dist.distributed.collectives import world_rank, world_size
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "rct-dist-shards/1"
-SKIP_KINDS = ("read_errors", "samples")  # shard-level errors, dropped samples
-TEACHER_FIELD = "teacher.npy"  # a sample's stored teacher embedding
+SKIP_KINDS = ("damaged_shards", "lost_samples", "bad_images")
+
+__all__ = ["INDEX_FORMAT", "SKIP_KINDS", "TEACHER_FIELD", "EpochPlan", "ShardIndex", "ShardLoader", "collate",
+           "decode_teacher", "make_loader", "sample_table"]
 
 
 @dataclass(frozen=True)
@@ -100,74 +102,28 @@ class ShardIndex:
                    int(teacher["dim"]) if teacher else None)
 
 
-@dataclass(frozen=True)
-class EpochPlan:
-    """What one rank reads in one epoch; identical inputs give identical plans on every rank."""
-
-    rank: int
-    world: int
-    order: tuple[str, ...]  # every shard, in this epoch's order (the same on every rank)
-    shards: tuple[str, ...]  # this rank's share of `order` (all shards when resampled)
-    batches: int  # batches every rank yields this epoch
 
 
-def plan_epoch(
-    index: ShardIndex, *, rank: int, world: int, batch_size: int, train: bool, seed: int, epoch: int,
-    workers: int, resampled: bool, samples_per_epoch: int | None,
-) -> EpochPlan:
-    """Shard order, this rank's shards and the common batch count (see the module docstring)."""
-    order = list(index.shards)
-    if train:
-        random.Random(seed + epoch).shuffle(order)
-    readers = world * max(workers, 1)
-    if not resampled and len(order) < readers:
-        raise ValueError(
-            f"split {index.split!r} has {len(order)} shards but world_size x workers = {world} x "
-            f"{max(workers, 1)} = {readers} readers need one each: write at least {readers} shards, "
-            "use fewer workers, or (train only) resampled=True"
-        )
-    if train:
-        samples = samples_per_epoch or index.samples
-        batches = samples // (world * batch_size)
-        if batches == 0:
-            raise ValueError(f"{samples} samples make no full batch of {batch_size} on {world} ranks")
-    else:
-        counts = dict(zip(index.shards, index.shard_samples))
-        batches = max(math.ceil(sum(counts[s] for s in order[r::world]) / batch_size) for r in range(world))
-    shards = order if resampled else order[rank::world]
-    return EpochPlan(rank, world, tuple(order), tuple(shards), batches)
+def sample_table(index: ShardIndex) -> SampleTable:
+    """Where every readable sample of the split lies (scanned once per process per unchanged shard)."""
+    return build_table(index.directory, index.shards, index.shard_samples, index.classes)
 
 
-class SkipCounter:
-    """Read errors and samples skipped by webdataset's error handlers, one shared-memory slot per worker.
-
-    The handlers run inside DataLoader workers, so plain attributes would never reach the trainer;
-    each worker writes only its own slot, which needs no lock.
-    """
+class BadImageCounter:
+    """Images that failed to decode, one shared-memory slot per worker (each writes only its own)."""
 
     def __init__(self, workers: int):
-        self._slots = max(workers, 1)
-        self._counts = RawArray("q", self._slots * len(SKIP_KINDS))
+        self._counts = RawArray("q", max(workers, 1))
 
-    def _skip(self, kind: int, exn: Exception) -> bool:
+    def add(self) -> None:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        self._counts[worker * len(SKIP_KINDS) + kind] += 1
-        log.warning("worker %d skipped data (%s): %r", worker, SKIP_KINDS[kind], exn)
-        return True  # tell webdataset to continue
+        self._counts[info.id if info is not None else 0] += 1
 
-    def read_error(self, exn: Exception) -> bool:
-        return self._skip(0, exn)
+    def per_worker(self) -> list[int]:
+        return list(self._counts)
 
-    def sample(self, exn: Exception) -> bool:
-        return self._skip(1, exn)
-
-    def per_worker(self) -> list[dict[str, int]]:
-        n = len(SKIP_KINDS)
-        return [dict(zip(SKIP_KINDS, self._counts[w * n:(w + 1) * n])) for w in range(self._slots)]
-
-    def totals(self) -> dict[str, int]:
-        return {k: sum(w[k] for w in self.per_worker()) for k in SKIP_KINDS}
+    def total(self) -> int:
+        return sum(self._counts)
 
     def reset(self) -> None:
         self._counts[:] = [0] * len(self._counts)
@@ -204,86 +160,127 @@ def collate(samples: Sequence[tuple]) -> tuple:
     )
 
 
-def _stream_seed(rank: int) -> int:
-    """Per (rank, worker) seed for resampled shard draws; our rank, not webdataset's guess at it."""
-    info = get_worker_info()
-    return wds.utils.make_seed(rank, info.id if info is not None else 0)
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python's and torch's CPU generators seeded for a block, then restored (timm's crops draw from
+    `random`, torchvision's flips from torch)."""
+    py_state, torch_state = random.getstate(), torch.random.default_generator.get_state()
+    random.seed(seed)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.random.default_generator.set_state(torch_state)
 
 
-def _pad_to(samples: Iterable[tuple], total: int) -> Iterator[tuple]:
-    """Append a valid flag; after the last real sample, repeat it flagged invalid up to `total`."""
-    last, seen = None, 0
-    for sample in samples:
-        if seen == total:
-            raise ValueError(f"shards hold more samples than index.json says ({total} on this rank)")
-        last, seen = sample, seen + 1
-        yield (*sample, True)
-    if last is None:
-        raise RuntimeError("this rank read no sample at all: every shard it owns is unreadable")
-    for _ in range(total - seen):
-        yield (*last, False)
+class _Files:
+    """Open shard files of this process, read with `os.pread` (no shared file position)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[int, str], int] = {}
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        key = (os.getpid(), path)
+        if key not in self._fds:
+            self._fds[key] = os.open(path, os.O_RDONLY)
+        data = os.pread(self._fds[key], size, offset)
+        if len(data) != size:
+            raise EOFError(f"{path}: {size} bytes at {offset}, read {len(data)}")
+        return data
+
+    def __getstate__(self) -> dict:
+        return {"_fds": {}}  # descriptors do not travel to workers
+
+    def __del__(self) -> None:
+        for (pid, _), fd in self._fds.items():
+            if pid == os.getpid():
+                os.close(fd)
 
 
-def _class_balanced(samples: Iterable[tuple], p: int, k: int, buffer: int, seed: int) -> Iterator[tuple]:
-    """P x K batches: P distinct classes, K samples each, drawn from a buffer of streamed samples.
+class EpochBatches(Dataset):
+    """Batch s of this rank's plan, built whole (images decoded and augmented, seeded per slot)."""
 
-    Streaming approximation: a class can only be drawn while K of its samples are in the buffer, so
-    batches favour classes whose samples sit close together in the stream; samples left over at the
-    end of the pass (classes with fewer than K buffered) are not used this pass.
-    """
-    rng = random.Random(seed)
-    pools: dict[int, list[tuple]] = defaultdict(list)
-    ready: set[int] = set()  # classes with at least k buffered samples
-    held = 0
+    def __init__(self, table: SampleTable, plan: EpochPlan, *, seed: int, epoch: int, train: bool,
+                 transform: Callable[[Any], torch.Tensor], teacher_embeddings: bool, encoded: bool,
+                 image_size: int, bad_images: BadImageCounter) -> None:
+        self.table, self.plan, self.seed, self.epoch, self.train = table, plan, seed, epoch, train
+        self.transform, self.teacher_embeddings, self.encoded = transform, teacher_embeddings, encoded
+        self.image_size, self.bad_images, self.files = image_size, bad_images, _Files()
 
-    def draw() -> tuple:
-        nonlocal held
-        batch = []
-        for c in rng.sample(sorted(ready), p):
-            pool = pools[c]
-            batch += [pool.pop(rng.randrange(len(pool))) for _ in range(k)]
-            if len(pool) < k:
-                ready.discard(c)
-        held -= p * k
-        return collate(batch)
+    def __len__(self) -> int:
+        return self.plan.steps
 
-    for sample in samples:
-        label = int(sample[1])
-        pools[label].append(sample)
-        held += 1
-        if len(pools[label]) >= k:
-            ready.add(label)
-        if held >= buffer and len(ready) >= p:
-            yield draw()
-    while len(ready) >= p:
-        yield draw()
+    def _load(self, i: int) -> tuple[Any, torch.Tensor | None] | None:
+        """(PIL image or encoded bytes, teacher embedding or None) of sample i, or None when unreadable."""
+        t = self.table
+        path = t.paths[t.shard[i]]
+        try:
+            data = self.files.read(path, *map(int, t.image[i]))
+            teacher = None
+            if self.teacher_embeddings:
+                offset, size = map(int, t.teacher[i])
+                if offset < 0:
+                    raise ValueError(f"sample {t.keys[i]} has no {TEACHER_FIELD}")
+                teacher = decode_teacher(self.files.read(path, offset, size))
+            if self.encoded:
+                return data, teacher
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            return image, teacher
+        except Exception as exn:  # noqa: BLE001 - PIL raises many kinds; every one means "unreadable"
+            self.bad_images.add()
+            log.warning("unreadable sample %s in %s: %r", t.keys[i], path, exn)
+            return None
+
+    def __getitem__(self, step: int) -> tuple:
+        ids = [int(i) for i in self.plan.batches[step]]
+        valid = self.plan.valid[step].tolist() if self.plan.valid is not None else [True] * len(ids)
+        unit = int(self.plan.unit_ids[step])
+        loaded: dict[int, Any] = {}
+        for i in dict.fromkeys(ids):
+            loaded[i] = self._load(i)
+        good = [slot for slot, i in enumerate(ids) if loaded[i] is not None]
+        if not good:
+            raise RuntimeError(f"no sample of batch {step} (unit {unit}) could be read: "
+                               f"{[self.table.keys[i] for i in ids][:5]}...")
+        labels = self.table.labels
+        rows = []
+        for slot, i in enumerate(ids):
+            ok = valid[slot]
+            if loaded[i] is None:  # another image of the batch, same class if any; eval: an invalid row
+                same = [g for g in good if labels[ids[g]] == labels[i]]
+                i, ok = ids[(same or good)[0]], ok and self.train
+            image, teacher = loaded[i]
+            if not self.encoded:
+                with seeded(augment_seed(self.seed, self.epoch, unit, slot)):
+                    image = self.transform(image)
+            row = (image, int(labels[i]), self.table.keys[i], *((teacher,) if self.teacher_embeddings else ()))
+            rows.append(row if self.train else (*row, ok))
+        return collate(rows)
 
 
 class ShardLoader:
-    """Iterable of batches for one epoch: (images, labels, keys[, teacher]) for train, plus `valid` for eval."""
+    """Iterable of one epoch's batches for this rank: (images, labels, keys[, teacher]) in training, plus
+    `valid` in eval."""
 
-    def __init__(self, batches: wds.WebLoader, plan: EpochPlan, skips: SkipCounter):
-        self._batches, self.plan, self._skips = batches, plan, skips
+    def __init__(self, batches: DataLoader, plan: EpochPlan, table: SampleTable, bad_images: BadImageCounter):
+        self._batches, self.plan, self.table, self._bad = batches, plan, table, bad_images
 
     def __len__(self) -> int:
-        return self.plan.batches
+        return self.plan.steps
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Read errors and skipped samples of the current (or last) epoch, summed over workers."""
-        return self._skips.totals()
+        """Damaged shards and lost samples of the split, bad images of the current (or last) epoch."""
+        return {**self.table.damage, "bad_images": self._bad.total()}
 
     def __iter__(self) -> Iterator[tuple]:
-        self._skips.reset()
-        yielded = 0
-        for batch in self._batches:
-            yielded += 1
-            yield batch
-        if yielded != self.plan.batches:  # e.g. every shard unreadable: peers would wait forever
-            raise RuntimeError(f"rank {self.plan.rank} yielded {yielded} of {self.plan.batches} batches")
+        self._bad.reset()
+        yield from self._batches
         if any(self.skipped.values()):
-            log.warning("rank %d skipped %s this epoch (per worker: %s)",
-                        self.plan.rank, self.skipped, self._skips.per_worker())
+            log.warning("rank %d skipped %s this epoch (bad images per worker: %s)",
+                        self.plan.rank, self.skipped, self._bad.per_worker())
 
 
 def make_loader(
@@ -305,18 +302,19 @@ def make_loader(
     transform: Callable[[Any], torch.Tensor] | None = None,
     teacher_embeddings: bool = False,
     decode: str = "cpu",
+    start_samples: int = 0,
 ) -> ShardLoader:
     """Batches of one epoch of a split, for this rank (`batch_size` is per rank).
 
     Images are (B, 3, H, W), or (B, views, 3, H, W) when views > 1. `pk=(P, K)` makes class-balanced
-    batches of P classes x K images (needs batch_size == P * K; train only). `shuffle_buffer` is the
-    encoded-sample shuffle in each worker and the P x K pool of decoded images in the main process;
-    train also mixes workers in a main-process buffer of batch_size x workers decoded images. Rank and
-    world default to the torch.distributed process group. Build one loader per epoch.
-    `teacher_embeddings=True` adds each sample's stored teacher embedding after the keys, (B, dim)
-    float32: one per image, shared by its views. `decode="gpu"` (train, CUDA only) yields each batch's
-    images as a list of encoded bytes instead (see the module docstring); `transform` and `views` then
-    belong to the consumer.
+    batches of P classes x K images (needs batch_size == P * K; train only). `shuffle_buffer`: the window
+    (in samples) inside which the epoch's shard-ordered sequence is shuffled. `samples_per_epoch` sets the
+    epoch's length; `resampled` draws its samples with replacement (plain batches). Rank and world default
+    to the torch.distributed process group. `start_samples`: samples of the epoch's global sequence
+    already trained on (a mid-epoch resume; a multiple of batch_size). `teacher_embeddings=True` adds each
+    sample's stored teacher embedding after the keys, (B, dim) float32: one per image, shared by its
+    views. `decode="gpu"` (train, CUDA only) yields each batch's images as a list of encoded bytes
+    instead (see the module docstring); `transform` and `views` then belong to the consumer.
     """
     if decode not in ("cpu", "gpu"):
         raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
@@ -330,46 +328,23 @@ def make_loader(
     if teacher_embeddings and index.teacher_dim is None:
         raise ValueError(f"split {index.split!r} ({index.directory}) holds no teacher embeddings: its index.json "
                          "has no 'teacher' entry; write them with `rct-dist embed --into-shards`")
-    if not train and (pk or resampled or samples_per_epoch):
-        raise ValueError("pk, resampled and samples_per_epoch are for training: eval reads every sample once")
+    if not train and (pk or resampled or samples_per_epoch or start_samples):
+        raise ValueError("pk, resampled, samples_per_epoch and start_samples are for training: eval reads every "
+                         "sample once")
     if pk and pk[0] > index.classes:
         raise ValueError(f"pk={pk} needs {pk[0]} classes per batch, but split {index.split!r} has {index.classes}")
     if pk and pk[0] * pk[1] != batch_size:
         raise ValueError(f"pk={pk} makes batches of {pk[0] * pk[1]}, not batch_size={batch_size}")
     rank = world_rank() if rank is None else rank
     world = world_size() if world is None else world
-    plan = plan_epoch(index, rank=rank, world=world, batch_size=batch_size, train=train, seed=seed,
-                      epoch=epoch, workers=workers, resampled=resampled, samples_per_epoch=samples_per_epoch)
-    skips = SkipCounter(workers)
-    stream_seed = wds.utils.make_seed(seed, epoch, rank)
-    urls = [str(index.directory / s) for s in plan.shards]
-    fields = ("png;jpg", "cls", "__key__", *((TEACHER_FIELD,) if teacher_embeddings else ()))
-    if resampled:
-        source = [wds.ResampledShards(urls, seed=seed + epoch, deterministic=True,
-                                      worker_seed=partial(_stream_seed, rank))]
-    else:
-        source = [wds.SimpleShardList(urls), wds.split_by_worker]
-    samples = wds.DataPipeline(
-        *source,
-        wds.tarfile_to_samples(handler=skips.read_error),
-        wds.shuffle(shuffle_buffer, seed=stream_seed) if train else None,  # encoded bytes: cheap to hold
-        wds.decode(wds.handle_extension(TEACHER_FIELD, decode_teacher), *(("pil",) if decode == "cpu" else ()),
-                   handler=skips.sample),
-        wds.to_tuple(*fields, handler=skips.sample),
-        wds.map_tuple(Views(transform or build_transform(image_size, train), views), handler=skips.sample)
-        if decode == "cpu" else None,
-        wds.batched(batch_size, collation_fn=collate, partial=True),  # fewer, larger IPC transfers
-    )
-    generator = torch.Generator().manual_seed(stream_seed)  # seeds the workers' augmentations
-    batches = wds.WebLoader(samples, batch_size=None, num_workers=workers, generator=generator).unbatched()
-    if pk:
-        batches = batches.compose(wds.pipelinefilter(_class_balanced)(*pk, shuffle_buffer, stream_seed))
-    elif train:  # mix the workers' streams, which arrive one worker batch at a time
-        mix = batch_size * max(workers, 1)
-        batches = batches.shuffle(mix, initial=mix, seed=stream_seed).batched(batch_size, collate, partial=False)
-    else:
-        batches = batches.compose(partial(_pad_to, total=plan.batches * batch_size))
-        batches = batches.batched(batch_size, collate, partial=False)
-    if train:
-        batches = batches.with_epoch(nbatches=plan.batches)  # reread this rank's shards if they run short
-    return ShardLoader(batches, plan, skips)
+    table = sample_table(index)
+    plan = plan_epoch(table.shard, len(index.shards), table.labels, rank=rank, world=world, batch_size=batch_size,
+                      train=train, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, resampled=resampled,
+                      samples_per_epoch=samples_per_epoch, pk=pk, start_samples=start_samples)
+    bad_images = BadImageCounter(workers)
+    dataset = EpochBatches(table, plan, seed=seed, epoch=epoch, train=train,
+                           transform=Views(transform or build_transform(image_size, train), views),
+                           teacher_embeddings=teacher_embeddings, encoded=decode == "gpu", image_size=image_size,
+                           bad_images=bad_images)
+    batches = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
+    return ShardLoader(batches, plan, table, bad_images)

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from rct_dist.config import Config, config_to_dict, save_config
-from rct_dist.data.loader import ShardIndex, make_loader
+from rct_dist.data.epoch_plan import step_seed
+from rct_dist.data.loader import ShardIndex, make_loader, sample_table
 from rct_dist.data.transforms import Preprocess, build_transform, preprocess_for, renormalization
 from rct_dist.distributed import world_rank, world_size
 from rct_dist.eval import evaluate, extract_embeddings
@@ -219,6 +220,47 @@ def _evaluate_and_select(cfg: Config, engine, selection: Selection, epoch: int, 
     return metrics
 
 
+def plan_inputs(cfg: Config, train_index: ShardIndex) -> dict[str, Any]:
+    """What decides an epoch's global sample sequence, saved with every checkpoint: a resume refuses to
+    continue a sequence these no longer describe. (World size and worker count are not among them.)"""
+    table = sample_table(train_index)
+    return {"seed": cfg.run.seed, "batch_size": cfg.data.batch_size, "pk": list(cfg.data.pk or []),
+            "shuffle_buffer": cfg.data.shuffle_buffer, "resampled": cfg.data.resampled,
+            "samples_per_epoch": cfg.data.samples_per_epoch, "train_split": cfg.data.train_split,
+            "readable_samples": len(table), "shards": len(train_index.shards)}
+
+
+def check_plan(saved: dict[str, Any] | None, current: dict[str, Any], start: Path) -> None:
+    """A clear error when the checkpoint's data plan differs from this run's."""
+    if saved is None:
+        return
+    changed = [f"{k}: {saved.get(k)!r} then, {current[k]!r} now" for k in current if saved.get(k) != current[k]]
+    if changed:
+        raise ValueError(f"cannot resume from {start}: the data plan changed ({'; '.join(changed)}). Resume "
+                         "with the settings the checkpoint was trained with, or start a new run")
+
+
+def rescale_schedule(engine, optimizer_steps: int) -> None:
+    """Put the LR schedule at `optimizer_steps` (a resume on another world size: the same samples are
+    fewer or more steps now)."""
+    scheduler = engine.lr_scheduler
+    if scheduler is None or scheduler.last_epoch == optimizer_steps:
+        return
+    scheduler.last_epoch = optimizer_steps - 1
+    scheduler.step()
+
+
+def _epoch_skips(loader, device: torch.device) -> dict[str, int]:
+    """Skipped data of the epoch summed over ranks (bad images are per rank; shard damage is the same
+    on every rank, the table being built from the same files): a collective."""
+    skipped = loader.skipped
+    if dist.is_initialized():
+        bad = torch.tensor([skipped["bad_images"]], dtype=torch.int64, device=device)
+        dist.all_reduce(bad)
+        skipped = {**skipped, "bad_images": int(bad.item())}
+    return skipped
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Run a teacher-training or transfer job to the end; returns on rank 0 the test metrics of the model
     it kept (`recall`, `map_at_r`; see selection.py), with `val` (its validation metrics or None), `final`
@@ -244,7 +286,8 @@ def train(cfg: Config) -> dict[str, Any]:
                                                  **preprocess.transform_kwargs()),
                        teacher_embeddings=cfg.job == "transfer" and cfg.teacher.source == "shards",
                        decode=cfg.data.decode)
-    batches_per_epoch = len(make_loader(train_index, epoch=0, **loader_args))
+    first_epoch = make_loader(train_index, epoch=0, **loader_args)
+    batches_per_epoch = len(first_epoch)  # per rank; P x K epochs may differ by a batch or two
     accumulation = cfg.deepspeed.gradient_accumulation_steps
     steps_per_epoch = batches_per_epoch // accumulation
     total_steps = cfg.optim.epochs * steps_per_epoch
@@ -266,33 +309,47 @@ def train(cfg: Config) -> dict[str, Any]:
     feed, timer = DeviceFeed.for_run(cfg, preprocess, device, dtype), StepTimer(sync=device_sync(device))
 
     select = resolve_select(cfg.eval.select, cfg.data.val_split)
-    state: dict[str, Any] = {"epoch": 0, "batch": 0, "selection": None}
+    plan = plan_inputs(cfg, train_index)
+    # epoch: epochs finished; samples: samples of the epoch's global sequence trained on; step: micro-batches
+    # trained on by each rank so far (checkpoint tags, TensorBoard's x axis); world: ranks when saved.
+    state: dict[str, Any] = {"epoch": 0, "samples": 0, "step": 0, "world": world, "plan": None, "selection": None}
     start = resume_point(cfg, run_dir)
     if start is not None:
         saved = checkpoint.load(engine, start)
-        state.update({k: saved.get(k, state[k]) for k in state})
-        monitor.say(f"resumed from {start} at epoch {state['epoch'] + 1}, batch {state['batch']}")
+        check_plan(saved.get("plan"), plan, start)
+        state.update({k: saved[k] for k in state if k in saved})
+        if "samples" not in saved:  # checkpoints of earlier versions: a batch count on the same world size
+            state["samples"] = saved.get("batch", 0) * world * cfg.data.batch_size
+            state["step"] = saved.get("step", state["epoch"] * batches_per_epoch + saved.get("batch", 0))
+        if state["world"] != world:
+            epoch_samples = first_epoch.plan.units * cfg.data.batch_size
+            done = state["epoch"] * epoch_samples + state["samples"]
+            rescale_schedule(engine, done // (world * cfg.data.batch_size * accumulation))
+            monitor.say(f"resuming a run of {state['world']} ranks on {world}: the same sample sequence continues "
+                        f"after {state['samples']} samples of epoch {state['epoch'] + 1}")
+        monitor.say(f"resumed from {start} at epoch {state['epoch'] + 1}, sample {state['samples']}")
+    state.update(world=world, plan=plan)
     selection = Selection.restore(state["selection"], select, cfg.optim.early_stop_patience)
 
     metrics: dict[str, Any] = {}
-    step = state["epoch"] * batches_per_epoch + state["batch"]
+    step = state["step"]
     logged = config_to_dict(cfg)
     logged["data"].update(mean=list(preprocess.mean), std=list(preprocess.std),
                           interpolation=preprocess.interpolation, crop_pct=preprocess.crop_pct)
     monitor.start(logged, [f"eval/recall@{min(cfg.eval.ks)}", "eval/map@r"], step)
     stopped_early = selection.should_stop()
     for epoch in range(state["epoch"], cfg.optim.epochs if not stopped_early else state["epoch"]):
-        loader = make_loader(train_index, epoch=epoch, **loader_args)
-        skip = state["batch"] if epoch == state["epoch"] else 0
-        monitor.start_epoch(epoch, cfg.optim.epochs, len(loader), initial=skip)
+        resumed = state["samples"] if epoch == state["epoch"] else 0
+        loader = make_loader(train_index, epoch=epoch, start_samples=resumed, **loader_args)
+        plan_of_epoch = loader.plan
+        monitor.start_epoch(epoch, cfg.optim.epochs, plan_of_epoch.units // world,
+                            initial=plan_of_epoch.start_unit // world)
         engine.train()
         engine.module.backbone_frozen = epoch < cfg.optim.warmup_epochs_new_layers
         timer.start()
         last_loss = "-"  # the progress bar shows the last logged loss: no .item() sync on other steps
         for i, (images, labels, _, *stored) in enumerate(loader):
-            if i < skip:
-                timer.start()
-                continue  # the same seeded epoch plan, replayed up to where the checkpoint was taken
+            torch.manual_seed(step_seed(cfg.run.seed, epoch, int(plan_of_epoch.unit_ids[i])))  # dropout & co.
             images, labels, stored, n_images, n_views = feed(images, labels, *stored)
             timer.data_ready()
             target = teacher(images) if teacher is not None else stored[0] if stored else None
@@ -300,25 +357,28 @@ def train(cfg: Config) -> dict[str, Any]:
             engine.backward(loss)
             engine.step()
             timer.step_done(n_images, n_views)
-            step = epoch * batches_per_epoch + i + 1
+            step += 1
+            state.update(samples=resumed + (i + 1) * plan_of_epoch.samples_per_step, step=step)
             if step % cfg.log.every_steps == 0:
                 values = step_scalars(timer.read(), world, loss, parts, engine, target, student_emb)
                 monitor.scalars(values, step)
                 last_loss = f"{values['loss/total']:.4f}"
             monitor.advance({"loss": last_loss})
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and i + 1 < len(loader):
+            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and i + 1 < len(loader)
+                    and step % accumulation == 0):
                 # (the epoch's last step is saved once, at the epoch's end, with the evaluation's state)
                 checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
-                                {**state, "epoch": epoch, "batch": i + 1, "selection": selection.state()},
-                                cfg.checkpoint.keep)
+                                {**state, "epoch": epoch, "selection": selection.state()}, cfg.checkpoint.keep)
             timer.next_step()
         monitor.end_epoch()
-        skipped = loader.skipped
+        skipped = _epoch_skips(loader, device)
+        monitor.train_epoch(epoch, step, {"skipped": skipped})
         if any(skipped.values()):
-            monitor.say(f"epoch {epoch + 1}: rank {rank} skipped unreadable data {skipped}")
-        state.update(epoch=epoch + 1, batch=0)
+            monitor.say(f"epoch {epoch + 1}: skipped unreadable data {skipped}")
+        state.update(epoch=epoch + 1, samples=0, step=step)
         if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.eval.every_epochs == 0:
             metrics = _evaluate_and_select(cfg, engine, selection, epoch + 1, step, dtype, preprocess, monitor, run_dir)
+            metrics["train_skipped"] = skipped
         stopped_early = selection.should_stop() and epoch + 1 < cfg.optim.epochs
         state["selection"] = selection.state()
         checkpoint.save(engine, run_dir / "checkpoints", step, epoch, dict(state), cfg.checkpoint.keep)
@@ -333,4 +393,5 @@ def train(cfg: Config) -> dict[str, Any]:
     kept = selection.best
     return {**kept["test"], "val": kept["val"], "final": {**summary(metrics), "epoch": state["epoch"]},
             "select": selection.select, "selected_epoch": kept["epoch"], "epochs_run": state["epoch"],
-            "stopped_early": stopped_early, "best_r1": selection.score, "skipped": metrics.get("skipped")}
+            "stopped_early": stopped_early, "best_r1": selection.score, "skipped": metrics.get("skipped"),
+            "train_skipped": metrics.get("train_skipped")}

@@ -279,6 +279,18 @@ class Monitor:
                 "best_r1": best_r1, "exported": exported,
             })
 
+    def train_epoch(self, epoch: int, step: int, record: dict[str, Any]) -> None:
+        """One `split: train` line in results.jsonl at an epoch's end (skipped data, skipped steps), and
+        its numbers as `data/...` / `train/...` scalars."""
+        if not self.enabled:
+            return
+        self.scalars({f"data/{kind}": float(n) for kind, n in record.get("skipped", {}).items()}, step)
+        if "nonfinite_steps" in record:
+            self.scalars({"train/nonfinite_steps": float(record["nonfinite_steps"])}, step)
+        if self.results_file is not None:
+            append_line(self.results_file, {"epoch": epoch + 1, "step": step, "time": time.time(), "split": "train",
+                                            **record})
+
     def start_epoch(self, epoch: int, epochs: int, batches: int, initial: int = 0) -> None:
         if self.enabled:
             from tqdm import tqdm

@@ -1,0 +1,186 @@
+"""Where every sample of a split lies inside its shards: a table built by reading tar headers only.
+
+The loader reads samples by byte offset (`os.pread`) instead of streaming whole shards, which is what
+makes an epoch's plan independent of the world size and the worker count, and a mid-epoch resume
+free: the samples before the resume point are never read. Building the table reads each member's
+512-byte header and the few bytes of its `.cls` member; images are never decoded here.
+
+A sample is the run of consecutive members sharing a key (webdataset's convention: the basename up
+to its first dot), with an image (`png`, `jpg` or `jpeg`) and a `cls` holding its integer label, and
+optionally `teacher.npy`. Every other member (`json`, anything else, a pickle) is ignored: never
+read, never unpickled. Damage is counted, not fatal:
+
+* `damaged_shards`: shards that end early (truncated, a corrupt header) or cannot be opened;
+* `lost_samples`: samples the index announces but the table could not take: behind a shard's
+  damage, or without a readable image member or label.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+TEACHER_FIELD = "teacher.npy"  # a sample's stored teacher embedding
+
+
+@dataclass(frozen=True)
+class ShardTable:
+    """The readable samples of one shard file, in file order."""
+
+    keys: tuple[str, ...]
+    labels: np.ndarray  # int64
+    image: np.ndarray  # (n, 2) int64: byte offset and size of the image member
+    image_ext: tuple[str, ...]
+    teacher: np.ndarray  # (n, 2) int64; (-1, 0) where the sample has no teacher.npy
+    complete: bool  # False: the file ends early or a header is corrupt (later samples unreachable)
+    error: str | None = None
+
+
+@dataclass
+class SampleTable:
+    """Every readable sample of a split: sample i lives in `paths[shard[i]]` at `image[i]`."""
+
+    paths: tuple[str, ...]
+    shard: np.ndarray  # int64 shard number of each sample
+    keys: tuple[str, ...]
+    labels: np.ndarray
+    image: np.ndarray
+    image_ext: tuple[str, ...]
+    teacher: np.ndarray
+    damage: dict[str, int] = field(default_factory=dict)  # damaged_shards, lost_samples
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """webdataset's split of a member name into (key, extension): the basename's first dot."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
+
+
+def _read(fd: int, offset: int, size: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise EOFError(f"{size} bytes at {offset}, the file holds {len(data)}")
+    return data
+
+
+def scan_shard(path: str, classes: int) -> ShardTable:
+    """The table of one shard; members past a damage are unreachable and left out (`complete` False)."""
+    keys: list[str] = []
+    labels: list[int] = []
+    image: list[tuple[int, int]] = []
+    exts: list[str] = []
+    teacher: list[tuple[int, int]] = []
+    complete, error = True, None
+    try:
+        size = os.path.getsize(path)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exn:
+        return ShardTable((), np.zeros(0, np.int64), np.zeros((0, 2), np.int64), (), np.zeros((0, 2), np.int64),
+                          False, f"cannot open: {exn}")
+    current: dict[str, tuple[int, int]] = {}
+    current_key: str | None = None
+
+    def close_sample() -> None:
+        if current_key is None:
+            return
+        ext = next((e for e in IMAGE_EXTENSIONS if e in current), None)
+        label = None
+        if "cls" in current:
+            try:
+                label = int(_read(fd, *current["cls"]).decode("ascii").strip())
+            except (ValueError, UnicodeDecodeError, EOFError):
+                label = None
+        if ext is None or label is None or not 0 <= label < classes:
+            return  # counted by the caller as lost (index count minus readable samples)
+        keys.append(current_key)
+        labels.append(label)
+        image.append(current[ext])
+        exts.append(ext)
+        teacher.append(current.get(TEACHER_FIELD, (-1, 0)))
+
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            while True:
+                try:
+                    member = archive.next()
+                except (tarfile.TarError, OSError, EOFError) as exn:
+                    complete, error = False, f"corrupt tar header: {exn}"
+                    break
+                if member is None:
+                    break
+                if not member.isfile():
+                    continue
+                if member.offset_data + member.size > size:
+                    complete, error = False, f"truncated: member {member.name!r} runs past the end of the file"
+                    break
+                key, ext = _sample_key(member.name)
+                if key != current_key:
+                    close_sample()
+                    current, current_key = {}, key
+                current[ext] = (member.offset_data, member.size)
+            close_sample()
+            if complete and archive.offset < size - 2 * tarfile.BLOCKSIZE and _tail_has_data(fd, archive.offset, size):
+                complete, error = False, "a corrupt header stops the archive before its end"
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        complete, error = False, f"unreadable tar: {exn}"
+    finally:
+        os.close(fd)
+    return ShardTable(tuple(keys), np.asarray(labels, np.int64), np.asarray(image, np.int64).reshape(-1, 2),
+                      tuple(exts), np.asarray(teacher, np.int64).reshape(-1, 2), complete, error)
+
+
+def _tail_has_data(fd: int, offset: int, size: int) -> bool:
+    """Whether anything but the zero blocks that end an archive follows `offset` (tarfile stops quietly
+    at a header it cannot parse; a well-formed end is all zeros)."""
+    tail = os.pread(fd, min(size - offset, 1 << 20), offset)
+    return any(tail)
+
+
+@lru_cache(maxsize=64)
+def _cached_scan(path: str, mtime_ns: int, size: int, classes: int) -> ShardTable:
+    return scan_shard(path, classes)
+
+
+def build_table(directory: Path, shards: tuple[str, ...], shard_samples: tuple[int, ...], classes: int) -> SampleTable:
+    """The table of a split (see the module docstring); each shard is scanned once per process while
+    its size and modification time stay the same."""
+    paths = tuple(str(directory / name) for name in shards)
+    tables = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            tables.append(scan_shard(path, classes))  # says why it cannot be opened
+            continue
+        tables.append(_cached_scan(path, stat.st_mtime_ns, stat.st_size, classes))
+    damage = {"damaged_shards": 0, "lost_samples": 0}
+    for path, table, announced in zip(paths, tables, shard_samples):
+        lost = max(0, announced - len(table.keys))
+        if not table.complete or lost:
+            damage["damaged_shards"] += int(not table.complete)
+            damage["lost_samples"] += lost
+            log.warning("shard %s: %d of %d samples readable (%s)", path, len(table.keys), announced,
+                        table.error or "samples without a readable image or label")
+    return SampleTable(
+        paths=paths,
+        shard=np.concatenate([np.full(len(t.keys), s, np.int64) for s, t in enumerate(tables)] or [np.zeros(0, np.int64)]),
+        keys=tuple(k for t in tables for k in t.keys),
+        labels=np.concatenate([t.labels for t in tables] or [np.zeros(0, np.int64)]),
+        image=np.concatenate([t.image for t in tables] or [np.zeros((0, 2), np.int64)]),
+        image_ext=tuple(e for t in tables for e in t.image_ext),
+        teacher=np.concatenate([t.teacher for t in tables] or [np.zeros((0, 2), np.int64)]),
+        damage=damage,
+    )
