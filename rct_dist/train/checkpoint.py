@@ -92,7 +92,8 @@ def save(engine, folder: Path, step: int, epoch: int, client_state: dict[str, An
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
     _barrier()
     if _is_rank0():
-        marker = json.dumps({"step": step, "epoch": epoch, "files": _files(path)}).encode()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        marker = json.dumps({"step": step, "epoch": epoch, "world": world, "files": _files(path)}).encode()
         atomic_write(path / MARKER, lambda stream: stream.write(marker))
         complete = complete_checkpoints(folder)
         for _, old in complete[:-keep] if keep > 0 else []:
@@ -134,15 +135,62 @@ def weights_only_loads() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-def load(engine, tag_folder: Path) -> dict[str, Any]:
-    """Restore engine, optimizer and scheduler state; returns the client state saved with it."""
+def saved_world(tag_folder: Path) -> int | None:
+    """The number of ranks that saved a checkpoint (None for markers of earlier versions)."""
+    return json.loads((tag_folder / MARKER).read_text()).get("world")
+
+
+UNIVERSAL = "universal"  # checkpoints/universal/<tag>: DeepSpeed universal copies, for another world size
+
+
+def universal_copy(tag_folder: Path) -> Path:
+    """The tag's DeepSpeed universal checkpoint (optimizer state per parameter, not per rank's partition),
+    made once by rank 0 with DeepSpeed's `ds_to_universal` converter; every rank calls this.
+
+    ZeRO stages 1-3 save each rank's partition of the optimizer state, which DeepSpeed cannot load on
+    another number of ranks; its universal format can be."""
+    target = tag_folder.parent / UNIVERSAL / tag_folder.name
+    if _is_rank0() and not (target / MARKER).exists():
+        import subprocess
+        import sys
+
+        shutil.rmtree(target, ignore_errors=True)
+        temporary = target.parent / f".{target.name}.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_folder),
+             "--output_folder", str(temporary / tag_folder.name), "--num_extract_workers", "1",
+             "--num_merge_workers", "1", "--inject_missing_state"],
+            capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"converting {tag_folder} to a universal checkpoint (to resume on another number "
+                               f"of ranks) failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        os.replace(temporary / tag_folder.name, target)
+        shutil.rmtree(temporary, ignore_errors=True)
+        atomic_write(target / MARKER, lambda stream: stream.write(json.dumps({"from": tag_folder.name}).encode()))
+    _barrier()
+    return target
+
+
+def load(engine, tag_folder: Path, universal: bool = False) -> dict[str, Any]:
+    """Restore engine, optimizer and scheduler state; returns the client state saved with it.
+    `universal`: load the tag's universal copy (the engine must be built with DeepSpeed's
+    `checkpoint.load_universal`), to resume ZeRO 1-3 on another number of ranks."""
     if not (tag_folder / MARKER).exists():
         raise FileNotFoundError(f"{tag_folder} is not a complete checkpoint (no {MARKER} file)")
     reason = damage(tag_folder)
     if reason is not None:
         raise RuntimeError(f"checkpoint {tag_folder} is damaged: {reason}")
+    source = universal_copy(tag_folder) if universal else tag_folder
     with weights_only_loads():
-        path, client_state = engine.load_checkpoint(str(tag_folder.parent), tag=tag_folder.name)
+        try:
+            path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name)
+        except Exception as exn:
+            if "world size" not in str(exn):
+                raise
+            raise RuntimeError(f"{tag_folder} was saved by {saved_world(tag_folder) or 'another number of'} ranks "
+                               f"and its ZeRO optimizer state is partitioned per rank: resume it on that many "
+                               f"ranks ({exn})") from None
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_folder}")
     return client_state

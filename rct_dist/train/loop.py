@@ -296,6 +296,11 @@ def train(cfg: Config) -> dict[str, Any]:
         task.net.compile()  # in place: parameter names, checkpoints and exports are unchanged
     ds_config = deepspeed_config(cfg.deepspeed.config, cfg.data.batch_size * cfg.data.views, accumulation, world,
                                  cfg.optim.grad_clip)
+    start = resume_point(cfg, run_dir)
+    universal = (start is not None and checkpoint.saved_world(start) not in (None, world)
+                 and ds_config.get("zero_optimization", {}).get("stage", 0) > 0)
+    if universal:  # ZeRO's per-rank optimizer partitions, re-partitioned through DeepSpeed's universal format
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine = build_engine(task, ds_config, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps,
                           total_steps, cfg.optim.proxy_lr_multiplier, schedule=_schedule(cfg, steps_per_epoch, total_steps),
                           new_layers_only_steps=cfg.optim.warmup_epochs_new_layers * steps_per_epoch)
@@ -313,9 +318,8 @@ def train(cfg: Config) -> dict[str, Any]:
     # epoch: epochs finished; samples: samples of the epoch's global sequence trained on; step: micro-batches
     # trained on by each rank so far (checkpoint tags, TensorBoard's x axis); world: ranks when saved.
     state: dict[str, Any] = {"epoch": 0, "samples": 0, "step": 0, "world": world, "plan": None, "selection": None}
-    start = resume_point(cfg, run_dir)
     if start is not None:
-        saved = checkpoint.load(engine, start)
+        saved = checkpoint.load(engine, start, universal=universal)
         check_plan(saved.get("plan"), plan, start)
         state.update({k: saved[k] for k in state if k in saved})
         if "samples" not in saved:  # checkpoints of earlier versions: a batch count on the same world size
