@@ -1,0 +1,223 @@
+"""Faults, for real: processes killed with SIGKILL at random moments, one of two ranks killed, a kill in
+the middle of a checkpoint write, a resume on another number of ranks. Each killed run is resumed with
+`run.resume=auto` until it finishes, and must end with the uninterrupted run's parameters.
+
+Transfer runs on the digits shards (2 epochs of 45 P x K steps on one process, 22 on two), a step
+checkpoint every 5 steps. The uninterrupted references are run once per module."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rct_dist.train.checkpoint import MARKER, complete_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """
+run: {{name: {name}, out_dir: {out}, seed: 5}}
+data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: {workers}, shuffle_buffer: 200}}
+model: {{backbone: rct_cnn3_small, embedding_size: 16}}
+teacher: {{source: model, backbone: rct_cnn4, embedding_size: 32}}
+optim: {{lr: 1.0e-3, epochs: 2}}
+deepspeed: {{config: {ds}}}
+eval: {{batch_size: 256}}
+log: {{every_steps: 5, tensorboard: false, retrieval_images: 0, projector_samples: 0}}
+checkpoint: {{every_steps: 5, keep: 2}}
+"""
+
+
+def _config(tmp: Path, name: str, data: Path, workers: int = 0, ds: str = "zero0_fp32") -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(CONFIG.format(name=name, out=tmp / "runs", data=data, workers=workers, ds=ds))
+    return path
+
+
+def _command(config: Path, procs: int, *overrides: str) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+                if procs > 1 else [sys.executable])
+    return [*launcher, "-m", "rct_dist.cli", "transfer", "--config", str(config), "run.resume=auto", *overrides]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(config: Path, procs: int = 1, *overrides: str) -> str:
+    out = subprocess.run(_command(config, procs, *overrides), capture_output=True, text=True, env=_env(),
+                         timeout=600, check=False, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout + out.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes, from /proc (torchrun's workers)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, queue = [], [pid]
+    while queue:
+        children = _children(queue.pop())
+        found += children
+        queue += children
+    return found
+
+
+def _kill_after_progress(proc: subprocess.Popen, checkpoints: Path, rng: random.Random, *, one_rank: bool = False,
+                         timeout: float = 300) -> bool:
+    """Wait for a new complete checkpoint, then SIGKILL at a random moment soon after: the whole job, or
+    (one_rank) one of torchrun's two workers. False when the job finished first."""
+    def newest() -> int:
+        found = complete_checkpoints(checkpoints) if checkpoints.exists() else []
+        return found[-1][0] if found else 0
+
+    before, start = newest(), time.time()
+    while proc.poll() is None and time.time() - start < timeout:
+        if newest() > before:
+            time.sleep(rng.uniform(0.0, 0.8))
+            if proc.poll() is not None:
+                return False
+            if one_rank:
+                workers = _children(proc.pid)
+                assert workers, "torchrun has no worker processes"
+                os.kill(workers[-1], signal.SIGKILL)
+            else:  # the launcher and every process under it (torchrun's workers have their own groups)
+                for pid in [proc.pid, *_descendants(proc.pid)]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            proc.wait(timeout=120)
+            return True
+        time.sleep(0.05)
+    proc.wait(timeout=timeout)
+    return False
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "export" / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def _final_r1(run: Path) -> float:
+    lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    return [r for r in lines if r.get("split") == "test"][-1]["recall"]["1"]
+
+
+@pytest.fixture(scope="module")
+def references(digits_shards, tmp_path_factory) -> dict[int, Path]:
+    """The uninterrupted runs: one process with 0 workers, two processes with 2 workers."""
+    tmp = tmp_path_factory.mktemp("reference")
+    _run(_config(tmp, "one", digits_shards, workers=0), 1)
+    _run(_config(tmp, "two", digits_shards, workers=2), 2)
+    return {1: tmp / "runs" / "one", 2: tmp / "runs" / "two"}
+
+
+def test_kill_at_random_moments_and_resume_equals_the_uninterrupted_run(references, digits_shards, tmp_path):
+    config = _config(tmp_path, "killed", digits_shards, workers=0)
+    run, rng, kills = tmp_path / "runs" / "killed", random.Random(11), 0
+    for _ in range(3):
+        proc = subprocess.Popen(_command(config, 1), env=_env(), cwd=ROOT, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kills += _kill_after_progress(proc, run / "checkpoints", rng)
+    log = _run(config, 1)
+    assert kills >= 2 and "resumed from" in log
+    _assert_same_weights(run, references[1])
+    assert _final_r1(run) == _final_r1(references[1])
+
+
+def test_kill_one_of_two_ranks_then_resume_with_another_worker_count(references, digits_shards, tmp_path):
+    config = _config(tmp_path, "rank", digits_shards, workers=2)
+    run = tmp_path / "runs" / "rank"
+    proc = subprocess.Popen(_command(config, 2), env=_env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _kill_after_progress(proc, run / "checkpoints", random.Random(3), one_rank=True)
+    assert proc.returncode != 0  # torchrun saw its worker die and stopped the other
+    log = _run(config, 2, "data.workers=0")
+    assert "resumed from" in log
+    _assert_same_weights(run, references[2])
+
+
+KILL_DURING_SAVE = """
+import io, os, signal, sys
+import torch
+real_save, calls = torch.save, [0]
+def save(obj, f, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AT_SAVE"]) and isinstance(f, (str, os.PathLike)):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        with open(f, "wb") as half:  # half the file, on disk, then the kill
+            half.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            half.flush()
+            os.fsync(half.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+from rct_dist.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_in_the_middle_of_a_checkpoint_write(references, digits_shards, tmp_path):
+    config = _config(tmp_path, "torn", digits_shards, workers=2)
+    run = tmp_path / "runs" / "torn"
+    command = [sys.executable, "-c", KILL_DURING_SAVE, *_command(config, 1)[3:]]
+    out = subprocess.run(command, env={**_env(), "KILL_AT_SAVE": "3"}, cwd=ROOT, capture_output=True, timeout=600)
+    assert out.returncode == -signal.SIGKILL
+    tags = sorted(p for p in (run / "checkpoints").glob("step*") if p.is_dir())
+    assert [p.name for p in tags if not (p / MARKER).exists()] == [tags[-1].name]  # the torn one, unmarked
+    torn = tags[-1]
+    log = _run(config, 1)
+    assert f"resumed from {tags[-2]}" in log and not torn.exists()  # passed over, then cleaned up
+    _assert_same_weights(run, references[1])
+
+
+def test_resume_zero2_on_another_number_of_ranks(digits_shards, tmp_path):
+    """Two ranks of ZeRO-2 (optimizer state partitioned per rank) killed; resumed on one rank through a
+    universal checkpoint; the same global sample sequence continues and the run finishes."""
+    config = _config(tmp_path, "elastic", digits_shards, ds="zero2_fp32")
+    run = tmp_path / "runs" / "elastic"
+    proc = subprocess.Popen(_command(config, 2), env=_env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _kill_after_progress(proc, run / "checkpoints", random.Random(5))
+    _, last = complete_checkpoints(run / "checkpoints")[-1]
+    saved = json.loads((last / MARKER).read_text())
+    log = _run(config, 1)
+    assert "resuming a run of 2 ranks on 1" in log and (run / "checkpoints" / "universal" / last.name).is_dir()
+    # the epoch's sequence continues at the sample where the two ranks stopped
+    resumed = re_search(r"resumed from \S+ at epoch (\d+), sample (\d+)", log)
+    assert int(resumed[0]) in (saved["epoch"] + 1, saved["epoch"] + 2) and int(resumed[1]) % 40 == 0
+    assert 0.5 < _final_r1(run) <= 1.0
+
+
+def re_search(pattern: str, text: str) -> tuple[str, ...]:
+    import re
+
+    match = re.search(pattern, text)
+    assert match, pattern
+    return match.groups()
