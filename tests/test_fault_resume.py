@@ -221,3 +221,37 @@ def re_search(pattern: str, text: str) -> tuple[str, ...]:
     match = re.search(pattern, text)
     assert match, pattern
     return match.groups()
+
+
+def test_damaged_shards_are_counted_in_results_and_tensorboard(digits_shards, tmp_path):
+    """A truncated shard and an image that is not an image in the training split: the run finishes, and
+    the skipped data is reported per kind in results.jsonl and as TensorBoard scalars."""
+    import shutil
+
+    import webdataset as wds
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rct_dist.config import load_config
+    from rct_dist.train.loop import train
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_shards, data)
+    shard = data / "train" / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size * 2 // 3])  # truncated
+    other = data / "train" / "train-000004.tar"
+    members = list(wds.WebDataset(str(other), shardshuffle=False))
+    with wds.TarWriter(str(other)) as sink:
+        for i, m in enumerate(members):
+            sink.write({**m, "png": b"<html>not an image</html>"} if i == 7 else m)
+    config = _config(tmp_path, "damaged", data)
+    cfg = load_config(str(config), ["optim.epochs=1", "log.tensorboard=true", "checkpoint.every_steps=0"])
+    result = train(cfg)
+    run = tmp_path / "runs" / "damaged"
+    lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    skipped = [r for r in lines if r["split"] == "train"][0]["skipped"]
+    assert skipped["damaged_shards"] == 1 and 0 < skipped["lost_samples"] < 100
+    assert skipped["bad_images"] == 1 and result["train_skipped"] == skipped
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("data/bad_images")] == [1.0]
+    assert [e.value for e in events.Scalars("data/lost_samples")] == [float(skipped["lost_samples"])]
