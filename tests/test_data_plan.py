@@ -5,6 +5,7 @@ is ever unpickled."""
 
 from __future__ import annotations
 
+import io
 import pickle
 import shutil
 from collections import Counter
@@ -155,3 +156,50 @@ def test_truncated_shard_loses_only_what_lies_behind_the_cut(tmp_path):
     seen = {k for *_, ks, valid in loader for k, ok in zip(ks, valid.tolist()) if ok}
     assert loader.skipped == {"damaged_shards": 1, "lost_samples": 4, "bad_images": 0}
     assert set(keys) - seen == set(full.keys[5:])
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar"])
+def test_tar_headers_read_like_tarfile(tmp_path, fmt):
+    """The header reader against Python's tarfile: long names (GNU `L`, pax `path`), ustar prefixes,
+    directories, empty files; a flipped header byte is refused by its checksum."""
+    import os
+    import tarfile
+
+    from rct_dist.data.members import DamagedTar, tar_members
+
+    path = tmp_path / f"{fmt}.tar"
+    names = ["a.png", "d/" + "x" * 120 + ".cls", "p" * 90 + "/" + "q" * 60 + ".png", "empty.txt"]
+    if fmt == "ustar":
+        names = [n for n in names if len(n) <= 100 or "/" in n[-100:]]
+    with tarfile.open(path, "w", format={"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT,
+                                        "ustar": tarfile.USTAR_FORMAT}[fmt]) as archive:
+        archive.addfile(_dir_info())
+        for i, name in enumerate(names):
+            data = bytes([i]) * (700 * i)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as archive:
+        expected = [(m.name, m.offset_data, m.size) for m in archive.getmembers() if m.isfile()]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert list(tar_members(fd, path.stat().st_size)) == expected
+    finally:
+        os.close(fd)
+    data = bytearray(path.read_bytes())
+    data[expected[1][1] - 512 + 10] ^= 0x01  # the second file's own header
+    path.write_bytes(bytes(data))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(DamagedTar, match="checksum"):
+            list(tar_members(fd, path.stat().st_size))
+    finally:
+        os.close(fd)
+
+
+def _dir_info():
+    import tarfile
+
+    info = tarfile.TarInfo("folder")
+    info.type = tarfile.DIRTYPE
+    return info

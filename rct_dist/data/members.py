@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
-import tarfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -76,6 +76,77 @@ def _read(fd: int, offset: int, size: int) -> bytes:
     return data
 
 
+class DamagedTar(ValueError):
+    """A tar file that cannot be read past some point: a corrupt header or a truncated member."""
+
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    text = field.rstrip(b" \0").strip()
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise DamagedTar(f"bad number field {field!r}") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\0"):
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space]) if space > pos else 0
+        except ValueError:
+            length = 0
+        if length <= space - pos:
+            raise DamagedTar("corrupt pax header")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return records
+
+
+def tar_members(fd: int, size: int) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, data size) of every regular file of an uncompressed tar, from its headers
+    alone (each checked against its checksum); pax (`x`) and GNU long-name (`L`) headers are applied to
+    the member they precede. Raises DamagedTar where the archive stops being readable."""
+    offset, name_override, size_override = 0, None, None
+    while offset + _BLOCK <= size:
+        block = os.pread(fd, _BLOCK, offset)
+        if block == _ZERO_BLOCK:
+            return
+        if _octal(block[148:156]) != sum(block[:148]) + 256 + sum(block[156:]):
+            raise DamagedTar(f"corrupt tar header at byte {offset} (checksum)")
+        kind = block[156:157]
+        meta = kind in (b"x", b"g", b"L")
+        length = _octal(block[124:136]) if meta or size_override is None else size_override
+        data_offset = offset + _BLOCK
+        if data_offset + length > size:
+            raise DamagedTar(f"truncated: a member at byte {offset} runs past the end of the file")
+        if meta:
+            data = os.pread(fd, length, data_offset)
+            if kind == b"x":
+                records = _pax_records(data)
+                name_override = records.get("path", name_override)
+                size_override = int(records["size"]) if records.get("size", "").isdigit() else None
+            elif kind == b"L":
+                name_override = data.rstrip(b"\0").decode("utf-8", "replace")
+        else:
+            if kind in (b"0", b"\0", b"7"):
+                name = block[:100].rstrip(b"\0").decode("utf-8", "replace")
+                prefix = block[345:500].rstrip(b"\0").decode("utf-8", "replace") if block[257:262] == b"ustar" else ""
+                yield name_override or (f"{prefix}/{name}" if prefix else name), data_offset, length
+            name_override, size_override = None, None
+        offset = data_offset + -(-length // _BLOCK) * _BLOCK
+    raise DamagedTar("truncated: the file ends without the tar end-of-archive blocks")
+
+
 def scan_shard(path: str, classes: int) -> ShardTable:
     """The table of one shard; members past a damage are unreachable and left out (`complete` False)."""
     keys: list[str] = []
@@ -112,41 +183,19 @@ def scan_shard(path: str, classes: int) -> ShardTable:
         teacher.append(current.get(TEACHER_FIELD, (-1, 0)))
 
     try:
-        with tarfile.open(path, mode="r:") as archive:
-            while True:
-                try:
-                    member = archive.next()
-                except (tarfile.TarError, OSError, EOFError) as exn:
-                    complete, error = False, f"corrupt tar header: {exn}"
-                    break
-                if member is None:
-                    break
-                if not member.isfile():
-                    continue
-                if member.offset_data + member.size > size:
-                    complete, error = False, f"truncated: member {member.name!r} runs past the end of the file"
-                    break
-                key, ext = _sample_key(member.name)
-                if key != current_key:
-                    close_sample()
-                    current, current_key = {}, key
-                current[ext] = (member.offset_data, member.size)
-            close_sample()
-            if complete and archive.offset < size - 2 * tarfile.BLOCKSIZE and _tail_has_data(fd, archive.offset, size):
-                complete, error = False, "a corrupt header stops the archive before its end"
-    except (tarfile.TarError, OSError, EOFError) as exn:
-        complete, error = False, f"unreadable tar: {exn}"
+        for name, offset, length in tar_members(fd, size):
+            key, ext = _sample_key(name)
+            if key != current_key:
+                close_sample()
+                current, current_key = {}, key
+            current[ext] = (offset, length)
+    except (DamagedTar, OSError, ValueError) as exn:
+        complete, error = False, str(exn)
     finally:
+        close_sample()  # the members read before a damage still make their sample
         os.close(fd)
     return ShardTable(tuple(keys), np.asarray(labels, np.int64), np.asarray(image, np.int64).reshape(-1, 2),
                       tuple(exts), np.asarray(teacher, np.int64).reshape(-1, 2), complete, error)
-
-
-def _tail_has_data(fd: int, offset: int, size: int) -> bool:
-    """Whether anything but the zero blocks that end an archive follows `offset` (tarfile stops quietly
-    at a header it cannot parse; a well-formed end is all zeros)."""
-    tail = os.pread(fd, min(size - offset, 1 << 20), offset)
-    return any(tail)
 
 
 @lru_cache(maxsize=64)
