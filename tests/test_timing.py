@@ -17,9 +17,11 @@ from PIL import Image
 from rct_dist.config import ConfigError, load_config
 from rct_dist.data.loader import make_loader
 from rct_dist.data.transforms import DeviceDecode, build_transform, normalize_uint8
+from rct_dist.train import engine as engine_module
 from rct_dist.train import loop
 from rct_dist.train.feed import DeviceFeed, channels_last_for
 from rct_dist.train.monitor import Monitor
+from rct_dist.train.nonfinite import attach
 from rct_dist.train.timing import StepTimer, Window
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -173,8 +175,13 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_short_run_logs_rates_and_syncs_only_at_log_steps(digits_shards, tmp_path, monkeypatch):
-    """15 steps, logged every 5th, with uint8 batches: every `.item()` inside the epoch falls in a log step."""
+GUARD_SYNC = "nonfinite.py:_any_rank_nonfinite"  # the non-finite step guard's one `.item()` per optimizer step
+
+
+@pytest.mark.parametrize("guard", [False, True], ids=["guard-off", "guard-on"])
+def test_short_run_logs_rates_and_syncs_only_at_log_steps(digits_shards, tmp_path, monkeypatch, guard):
+    """15 steps, logged every 5th, with uint8 batches: every `.item()` inside the epoch falls in a log step,
+    but for the non-finite step guard's (optim.skip_nonfinite), which reads one flag per optimizer step."""
     events: list[tuple[str, str]] = []
     recording = [False]
     item = torch.Tensor.item
@@ -204,10 +211,17 @@ def test_short_run_logs_rates_and_syncs_only_at_log_steps(digits_shards, tmp_pat
     wrap("end_epoch", "off")
     wrap("scalars", "log")
     wrap("advance", "step")
+    guards = []
+
+    def recording_attach(engine, optimizer):
+        guards.append(optimizer)
+        return attach(engine, optimizer)
+    monkeypatch.setattr(engine_module, "attach", recording_attach)
     cfg_file = write_config(tmp_path / "rc.yaml", name="rc", out=tmp_path / "runs", data=digits_shards)
     loop.train(load_config(str(cfg_file), ["data.uint8_batches=true", "data.samples_per_epoch=300",
                                             "log.projector_samples=0",
-                                            "log.retrieval_images=0"]))
+                                            "log.retrieval_images=0", f"optim.skip_nonfinite={str(guard).lower()}"]))
+    assert [g.skip_nonfinite for g in guards] == [guard], "loop.py must pass optim.skip_nonfinite to build_engine"
 
     steps, current = [], []
     for kind, where in events:
@@ -221,7 +235,11 @@ def test_short_run_logs_rates_and_syncs_only_at_log_steps(digits_shards, tmp_pat
     assert logged == [5, 10, 15]
     items = {i + 1: [w for k, w in s if k == "item"] for i, s in enumerate(steps)}
     assert all(any(w.startswith("timing.py") for w in items[i]) for i in logged)  # log steps read values
-    assert {i: w for i, w in items.items() if w and i not in logged} == {}
+    assert {i: w.count(GUARD_SYNC) for i, w in items.items()} == {i: int(guard) for i in items}  # 1 per step, or 0
+    others = {i: [x for x in w if x != GUARD_SYNC] for i, w in items.items()}
+    assert {i: w for i, w in others.items() if w and i not in logged} == {}
+    if guard:
+        assert (guards[0].steps, guards[0].skipped_total) == (len(steps), 0)
 
     scalars = _scalars(tmp_path / "runs" / "rc" / "tensorboard")
     for tag in ("images_per_s", "views_per_s", "images_per_s_per_device", "views_per_s_per_device",

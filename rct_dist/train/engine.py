@@ -16,6 +16,7 @@ from torch import nn
 
 from rct_dist.config import resolve_deepspeed_config
 from rct_dist.distributed.world import World, discover_world
+from rct_dist.train.nonfinite import GuardedAdamW, NonFiniteGuard, attach
 
 
 def init_distributed() -> World:
@@ -109,12 +110,18 @@ def build_engine(
     criterion_lr_multiplier: float = 1.0,
     schedule: Callable[[int], float] | None = None,
     new_layers_only_steps: int = 0,
+    skip_nonfinite: bool = True,
+    max_nonfinite_steps: int = 5,
 ):
     """deepspeed.initialize with a torch AdamW (no op build needed) and an LR schedule per step.
 
     `schedule`: the LR factor per optimizer step (default: `warmup_cosine(warmup_steps, total_steps)`).
     `new_layers_only_steps`: the backbone group's LR is 0 for that many first steps, so only the new
     layers learn (Proxy-Anchor's warm-up epoch; the task also stops gradients into the backbone then).
+    `skip_nonfinite`, `max_nonfinite_steps`: the AdamW is a `GuardedAdamW`, which skips a step with a
+    NaN/Inf loss or gradient on any rank and stops the job after more than that many in a row; the loop
+    hands it each loss (`nonfinite_guard(engine).note_loss(loss)`). Off under fp16 loss scaling, which
+    skips overflowing steps itself (rct_dist/train/nonfinite.py).
     """
     import deepspeed
 
@@ -125,7 +132,14 @@ def build_engine(
         return lambda step: 0.0 if step < new_layers_only_steps else factor(step)
 
     factors = [frozen_first(schedule) if g["name"] == "backbone" else schedule for g in groups]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    optimizer = GuardedAdamW(groups, lr=lr, weight_decay=weight_decay, skip_nonfinite=skip_nonfinite,
+                             max_nonfinite_steps=max_nonfinite_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    attach(engine, optimizer)
     return engine
+
+
+def nonfinite_guard(engine) -> NonFiniteGuard:
+    """The engine's optimizer guard: `note_loss(loss)` before `engine.step()`, counters to log."""
+    return engine.nonfinite_guard
