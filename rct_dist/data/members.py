@@ -13,6 +13,10 @@ read, never unpickled. Damage is counted, not fatal:
 * `damaged_shards`: shards that end early (truncated, a corrupt header) or cannot be opened;
 * `lost_samples`: samples the index announces but the table could not take: behind a shard's
   damage, or without a readable image member or label.
+
+The table is cached in memory and in `.rct-members.npz` beside the split's index.json (numeric and
+string arrays, loaded without pickle), both keyed by every shard's size and modification time: a
+rewritten shard rebuilds it, a read-only data folder only costs each process its own scan.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -198,23 +201,69 @@ def scan_shard(path: str, classes: int) -> ShardTable:
                       tuple(exts), np.asarray(teacher, np.int64).reshape(-1, 2), complete, error)
 
 
-@lru_cache(maxsize=64)
-def _cached_scan(path: str, mtime_ns: int, size: int, classes: int) -> ShardTable:
-    return scan_shard(path, classes)
+CACHE_NAME = ".rct-members.npz"  # beside index.json: the split's table, valid while its shards are unchanged
+_tables: dict[tuple, SampleTable] = {}  # this process's tables, by the same signature
 
 
-def build_table(directory: Path, shards: tuple[str, ...], shard_samples: tuple[int, ...], classes: int) -> SampleTable:
-    """The table of a split (see the module docstring); each shard is scanned once per process while
-    its size and modification time stay the same."""
-    paths = tuple(str(directory / name) for name in shards)
-    tables = []
+def _signature(paths: tuple[str, ...], classes: int) -> tuple:
+    stats = []
     for path in paths:
         try:
             stat = os.stat(path)
+            stats.append((os.path.basename(path), stat.st_size, stat.st_mtime_ns))
         except OSError:
-            tables.append(scan_shard(path, classes))  # says why it cannot be opened
-            continue
-        tables.append(_cached_scan(path, stat.st_mtime_ns, stat.st_size, classes))
+            stats.append((os.path.basename(path), -1, -1))
+    return (classes, tuple(stats))
+
+
+def _load_cache(file: Path, signature: tuple, paths: tuple[str, ...]) -> SampleTable | None:
+    try:
+        with np.load(file, allow_pickle=False) as saved:
+            if saved["signature"].item() != repr(signature):
+                return None
+            return SampleTable(paths, saved["shard"], tuple(saved["keys"].tolist()), saved["labels"], saved["image"],
+                               tuple(saved["image_ext"].tolist()), saved["teacher"],
+                               dict(zip(("damaged_shards", "lost_samples"), saved["damage"].tolist())))
+    except (OSError, KeyError, ValueError) as exn:  # absent, or unreadable: it is only a cache
+        if file.exists():
+            log.warning("ignoring the sample table cache %s (%s); rebuilding it", file, exn)
+        return None
+
+
+def _save_cache(file: Path, signature: tuple, table: SampleTable) -> None:
+    temporary = file.with_name(f".{file.name}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(temporary, signature=np.array(repr(signature)), shard=table.shard, keys=np.array(table.keys, dtype=str),
+                 labels=table.labels, image=table.image, image_ext=np.array(table.image_ext, dtype=str),
+                 teacher=table.teacher, damage=np.array([table.damage["damaged_shards"], table.damage["lost_samples"]]))
+        os.replace(temporary, file)
+    except OSError as exn:  # a read-only data folder: every process builds its own table
+        log.info("could not write the sample table cache %s: %s", file, exn)
+        temporary.unlink(missing_ok=True)
+
+
+def build_table(directory: Path, shards: tuple[str, ...], shard_samples: tuple[int, ...], classes: int) -> SampleTable:
+    """The table of a split (see the module docstring): kept in memory, and in `CACHE_NAME` beside the
+    index for later processes, both checked against every shard's size and modification time."""
+    paths = tuple(str(directory / name) for name in shards)
+    signature = _signature(paths, classes)
+    key = (str(directory), signature)
+    if key in _tables:
+        return _tables[key]
+    cache = Path(directory) / CACHE_NAME
+    table = _load_cache(cache, signature, paths)
+    if table is None:
+        table = _scan_split(paths, shard_samples, classes)
+        _save_cache(cache, signature, table)
+    if any(table.damage.values()):
+        log.warning("split %s: %d damaged shard(s), %d sample(s) of index.json unreadable", directory,
+                    table.damage["damaged_shards"], table.damage["lost_samples"])
+    _tables[key] = table
+    return table
+
+
+def _scan_split(paths: tuple[str, ...], shard_samples: tuple[int, ...], classes: int) -> SampleTable:
+    tables = [scan_shard(path, classes) for path in paths]
     damage = {"damaged_shards": 0, "lost_samples": 0}
     for path, table, announced in zip(paths, tables, shard_samples):
         lost = max(0, announced - len(table.keys))
