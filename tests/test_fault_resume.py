@@ -255,3 +255,43 @@ def test_damaged_shards_are_counted_in_results_and_tensorboard(digits_shards, tm
     events.Reload()
     assert [e.value for e in events.Scalars("data/bad_images")] == [1.0]
     assert [e.value for e in events.Scalars("data/lost_samples")] == [float(skipped["lost_samples"])]
+
+
+def _nan_loss_on(monkeypatch, calls: set[int]) -> list[int]:
+    """The RC loss returns NaN on the given (1-based) calls; returns the running call count."""
+    from rct_dist.losses import RelaxedContrastiveLoss
+
+    count = [0]
+    forward = RelaxedContrastiveLoss.forward
+
+    def patched(self, *args, **kwargs):
+        count[0] += 1
+        out = forward(self, *args, **kwargs)
+        if count[0] not in calls:
+            return out
+        return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+
+    monkeypatch.setattr(RelaxedContrastiveLoss, "forward", patched)
+    return count
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_job(digits_shards, tmp_path, monkeypatch):
+    from rct_dist.config import load_config
+    from rct_dist.train.checkpoint import usable_checkpoints
+    from rct_dist.train.loop import train
+    from rct_dist.train.nonfinite import NonFiniteStepError
+
+    config = _config(tmp_path, "nan", digits_shards)
+    _nan_loss_on(monkeypatch, {3, 4})
+    result = train(load_config(str(config), ["optim.epochs=1", "checkpoint.every_steps=0"]))
+    run = tmp_path / "runs" / "nan"
+    lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_steps"] for r in lines if r["split"] == "train"] == [2]
+    assert 0.3 < result["recall"][1] <= 1.0  # the run went on after the two skipped steps
+
+    _nan_loss_on(monkeypatch, set(range(7, 1000)))  # every step from the 7th on
+    with pytest.raises(NonFiniteStepError, match="3 optimizer steps in a row"):
+        train(load_config(str(config), ["run.name=nan_stop", "optim.epochs=1", "optim.max_nonfinite_steps=2",
+                                        "checkpoint.every_steps=5"]))
+    kept = usable_checkpoints(tmp_path / "runs" / "nan_stop" / "checkpoints")
+    assert [step for step, _ in kept] == [5]  # the last good checkpoint, intact; nothing saved after the stop

@@ -38,8 +38,10 @@ import torch
 
 from multiprocess import run_ranks
 from rct_dist.config import load_config
+from rct_dist.train import engine as engine_module
 from rct_dist.train.engine import build_engine, deepspeed_config, warmup_cosine
 from rct_dist.train.loop import _views_flat, build_task
+from rct_dist.train.nonfinite import NonFiniteGuard
 
 STEPS = 2
 VIEWS = 2
@@ -65,11 +67,11 @@ def make_task(chunk_size: int | None, ds_name: str = "zero2_fp32"):
     return cfg, task
 
 
-class SGDForAdamW(torch.optim.SGD):
-    """Takes AdamW's place in build_engine: the same call, a step linear in the gradient."""
+class SGDForAdamW(NonFiniteGuard, torch.optim.SGD):
+    """Takes GuardedAdamW's place in build_engine: the same call, a step linear in the gradient."""
 
-    def __init__(self, params, lr: float, weight_decay: float) -> None:
-        super().__init__(params, lr=lr, weight_decay=weight_decay)
+    def __init__(self, params, lr: float, weight_decay: float, **guard) -> None:
+        super().__init__(params, lr=lr, weight_decay=weight_decay, **guard)
 
 
 def make_batches(images: int) -> list[tuple[torch.Tensor, ...]]:
@@ -126,11 +128,11 @@ def engine_rank(rank: int, world: int, counts: list[int], train_mode: bool, chun
 
     cfg, task = make_task(chunk_size, ds_name)
     ds_config = deepspeed_config(cfg.deepspeed.config, max(counts) * VIEWS, 1, world, cfg.optim.grad_clip)
-    adamw, torch.optim.AdamW = torch.optim.AdamW, SGDForAdamW
+    adamw, engine_module.GuardedAdamW = engine_module.GuardedAdamW, SGDForAdamW
     try:
         engine = build_engine(task, ds_config, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, TOTAL)
     finally:
-        torch.optim.AdamW = adamw
+        engine_module.GuardedAdamW = adamw
     assert type(engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer) is SGDForAdamW
     engine.train(train_mode)
     params = [p for p in engine.module.parameters() if p.requires_grad]

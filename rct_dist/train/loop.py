@@ -37,7 +37,8 @@ from rct_dist.losses import (
 from rct_dist.models import FrozenTeacher, build_model, export_model
 from rct_dist.models.export import read_config
 from rct_dist.train import checkpoint
-from rct_dist.train.engine import build_engine, deepspeed_config, init_distributed, warmup_cosine, warmup_step_decay
+from rct_dist.train.engine import (build_engine, deepspeed_config, init_distributed, nonfinite_guard, warmup_cosine,
+                                  warmup_step_decay)
 from rct_dist.train.feed import DeviceFeed, prepare_models, views_flat
 from rct_dist.train.monitor import Monitor, projector_sample
 from rct_dist.train.selection import Selection, resolve_select, summary
@@ -303,7 +304,9 @@ def train(cfg: Config) -> dict[str, Any]:
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine = build_engine(task, ds_config, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps,
                           total_steps, cfg.optim.proxy_lr_multiplier, schedule=_schedule(cfg, steps_per_epoch, total_steps),
-                          new_layers_only_steps=cfg.optim.warmup_epochs_new_layers * steps_per_epoch)
+                          new_layers_only_steps=cfg.optim.warmup_epochs_new_layers * steps_per_epoch,
+                          skip_nonfinite=cfg.optim.skip_nonfinite, max_nonfinite_steps=cfg.optim.max_nonfinite_steps)
+    guard = nonfinite_guard(engine)
     device = engine.device
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     teacher = build_teacher(cfg, device) if cfg.job == "transfer" else None
@@ -317,7 +320,8 @@ def train(cfg: Config) -> dict[str, Any]:
     plan = plan_inputs(cfg, train_index)
     # epoch: epochs finished; samples: samples of the epoch's global sequence trained on; step: micro-batches
     # trained on by each rank so far (checkpoint tags, TensorBoard's x axis); world: ranks when saved.
-    state: dict[str, Any] = {"epoch": 0, "samples": 0, "step": 0, "world": world, "plan": None, "selection": None}
+    state: dict[str, Any] = {"epoch": 0, "samples": 0, "step": 0, "world": world, "plan": None, "selection": None,
+                             "nonfinite_steps": 0}
     if start is not None:
         saved = checkpoint.load(engine, start, universal=universal)
         check_plan(saved.get("plan"), plan, start)
@@ -333,6 +337,7 @@ def train(cfg: Config) -> dict[str, Any]:
                         f"after {state['samples']} samples of epoch {state['epoch'] + 1}")
         monitor.say(f"resumed from {start} at epoch {state['epoch'] + 1}, sample {state['samples']}")
     state.update(world=world, plan=plan)
+    guard.skipped_total = state["nonfinite_steps"]
     selection = Selection.restore(state["selection"], select, cfg.optim.early_stop_patience)
 
     metrics: dict[str, Any] = {}
@@ -358,13 +363,16 @@ def train(cfg: Config) -> dict[str, Any]:
             timer.data_ready()
             target = teacher(images) if teacher is not None else stored[0] if stored else None
             loss, parts, student_emb = engine(images, labels, target)
+            guard.note_loss(loss)  # a NaN/Inf here or in a gradient skips the step on every rank (nonfinite.py)
             engine.backward(loss)
             engine.step()
             timer.step_done(n_images, n_views)
             step += 1
-            state.update(samples=resumed + (i + 1) * plan_of_epoch.samples_per_step, step=step)
+            state.update(samples=resumed + (i + 1) * plan_of_epoch.samples_per_step, step=step,
+                         nonfinite_steps=guard.skipped_total)
             if step % cfg.log.every_steps == 0:
                 values = step_scalars(timer.read(), world, loss, parts, engine, target, student_emb)
+                values["train/nonfinite_steps"] = float(guard.skipped_total)
                 monitor.scalars(values, step)
                 last_loss = f"{values['loss/total']:.4f}"
             monitor.advance({"loss": last_loss})
@@ -376,7 +384,7 @@ def train(cfg: Config) -> dict[str, Any]:
             timer.next_step()
         monitor.end_epoch()
         skipped = _epoch_skips(loader, device)
-        monitor.train_epoch(epoch, step, {"skipped": skipped})
+        monitor.train_epoch(epoch, step, {"skipped": skipped, "nonfinite_steps": guard.skipped_total})
         if any(skipped.values()):
             monitor.say(f"epoch {epoch + 1}: skipped unreadable data {skipped}")
         state.update(epoch=epoch + 1, samples=0, step=step)
