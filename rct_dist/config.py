@@ -216,6 +216,21 @@ _CHOICES = (
 )
 
 
+INT_MAX = 2**63 - 1  # the largest int torch and numpy hold (seeds, sizes, counts); a larger one cannot run
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: 'line L, column C: problem (context)'; its own text spans several
+    lines with a caret drawing, which a one-line error cannot carry."""
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(error, "context", None)
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def _close(name: str, valid: typing.Sequence[str]) -> str:
     """' (did you mean X?)' for the closest valid name, compared on the last dotted part."""
     last = {v.rsplit(".", 1)[-1]: v for v in valid}
@@ -261,9 +276,24 @@ def _coerce(value: Any, tp: Any) -> Any:
         raise TypeError
     if tp is int and isinstance(value, bool):
         raise TypeError
+    if tp is int and isinstance(value, int) and abs(value) > INT_MAX:
+        raise TypeError  # no 64-bit int holds it: torch and numpy would fail on it mid-run
     if isinstance(value, tp):
         return value
     raise TypeError
+
+
+def _range_note(value: Any) -> str:
+    """' (at most 2**63 - 1)' where a value fails for holding an int out of the 64-bit range."""
+    ints = value if isinstance(value, list) else [value]
+    return " (at most 2**63 - 1)" if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT_MAX
+                                         for v in ints) else ""
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """`value!r` on one line and at most `limit` characters (a wrong value can be a whole YAML block)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _expand_env(key: str, value: str) -> str:
@@ -313,7 +343,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         if section is None:
             section = {}
         if not isinstance(section, dict):
-            raise ConfigError(f"section {name!r} must be a mapping of keys, got {section!r}")
+            raise ConfigError(f"section {name!r} must be a mapping of keys (indented `key: value` lines), got "
+                              f"{_shown(section)}")
         fields = _FIELD_TYPES[name]
         kwargs = {}
         for key, value in section.items():
@@ -323,14 +354,15 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
                 kwargs[key] = _coerce(value, fields[key])
             except TypeError:
                 raise ConfigError(
-                    f"{name}.{key}: expected {_type_name(fields[key])}, got {value!r} ({type(value).__name__})"
+                    f"{name}.{key}: expected {_type_name(fields[key])}{_range_note(value)}, got "
+                    f"{_shown(value)} ({type(value).__name__})"
                 ) from None
             if (name, key) in _PATH_KEYS and kwargs[key] is not None:
                 kwargs[key] = package_file(f"{name}.{key}", _expand_env(f"{name}.{key}", kwargs[key]))
         values[name] = SECTIONS[name](**kwargs)
     job = raw.get("job", Config.job)
     if not isinstance(job, str):
-        raise ConfigError(f"job: expected str, got {job!r} ({type(job).__name__})")
+        raise ConfigError(f"job: expected str, got {_shown(job)} ({type(job).__name__})")
     config = Config(job=job, **values)
     _validate(config)
     return config
@@ -352,6 +384,19 @@ def _validate(config: Config) -> None:
     for section, key in _NON_NEGATIVE:
         if get(section, key) < 0:
             raise ConfigError(f"{section}.{key} must be >= 0, got {get(section, key)!r}")
+    name = Path(config.run.name)
+    if not config.run.name.strip() or name.is_absolute() or {".", ".."} & set(config.run.name.split("/")):
+        # the run folder is run.out_dir/run.name, which run.overwrite deletes: never out_dir itself or above it
+        raise ConfigError(f"run.name must name a folder inside run.out_dir (no '', '.', '..' or absolute path), "
+                         f"got {config.run.name!r}")
+    if config.run.resume is not None and not config.run.resume.strip():
+        raise ConfigError("run.resume must be null (start anew), auto (the run's newest complete checkpoint) or a "
+                         "checkpoint folder, got ''")
+    for key in ("train_split", "eval_split", "val_split"):
+        value = get("data", key)
+        if value is not None and not value.strip():
+            raise ConfigError(f"data.{key} must name a split folder under data.root, got ''"
+                             + (" (null: no validation split)" if key == "val_split" else ""))
     if not config.eval.ks or min(config.eval.ks) <= 0:
         raise ConfigError(f"eval.ks must be a non-empty list of positive ints, got {config.eval.ks!r}")
     low, high = (config.data.crop_scale + [0.0, 0.0])[:2]
@@ -398,8 +443,9 @@ def _validate(config: Config) -> None:
         )
     if config.job == "transfer":
         if config.loss.name == "proxy_anchor":
-            raise ConfigError(f"job transfer needs a transfer loss ({', '.join(TRANSFER_LOSSES)}); for labels use "
-                             "job train-teacher, or loss.supervised_weight > 0 to add Proxy-Anchor")
+            raise ConfigError(f"job transfer needs a transfer loss: loss.name must be one of "
+                             f"{', '.join(TRANSFER_LOSSES)}, got {config.loss.name!r}; for labels use job "
+                             "train-teacher, or loss.supervised_weight > 0 to add Proxy-Anchor")
         if config.teacher.source == "export" and not config.teacher.export:
             raise ConfigError("teacher.source is export but teacher.export (an rct-dist export folder) is not set")
 
@@ -412,9 +458,11 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start}: {e.reason}): is it a YAML file?") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {yaml_problem(e)}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must hold a mapping of sections, got {type(raw).__name__}")
@@ -422,8 +470,11 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if base is None:
         return raw
     if not isinstance(base, str):
-        raise ConfigError(f"config {path}: base must be a path string, got {base!r}")
-    merged = _read_yaml(path.parent / base, (*chain, path))
+        raise ConfigError(f"config {path}: base must be a path string (relative to the file), got {_shown(base)}")
+    target = path.parent / base
+    if not target.is_file():
+        raise ConfigError(f"config {path}: base {base!r} ({target}) is not a file")
+    merged = _read_yaml(target, (*chain, path))
     for name, section in raw.items():
         if isinstance(section, dict) and isinstance(merged.get(name), dict):
             merged[name] = {**merged[name], **section}
@@ -439,17 +490,20 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     dotted, sep, text = override.partition("=")
     parts = dotted.strip().split(".")
     if not sep or not all(parts) or len(parts) > 2 or (len(parts) == 1 and parts[0] != "job"):
-        raise ConfigError(f"override {override!r} must look like section.key=value (or job=value)")
+        hint = " (no '=': give a value)" if not sep else ""
+        raise ConfigError(f"override {override!r} must look like section.key=value (or job=value){hint}")
     if len(parts) == 1:
         raw["job"] = text.strip()
         return
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from None
     section, key = parts
     tp = _FIELD_TYPES.get(section, {}).get(key)
     accepts = typing.get_args(tp) or (tp,)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        if tp is not None and str not in accepts:  # (an unknown key is named as such by config_from_dict)
+            raise ConfigError(f"override {override!r}: value is not valid YAML: {yaml_problem(e)}") from None
+        value = text.strip()  # a str key keeps its text, whatever YAML makes of it
     if str in accepts and not isinstance(value, str) and not (value is None and type(None) in accepts):
         value = text.strip()
     if raw.get(section) is None:

@@ -188,11 +188,11 @@ def write_teacher_shards(index: ShardIndex, embedded: Embedded, target: Path, ex
 def run_embed(cfg: Config, export: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
               into_shards: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
     """An export's embeddings of a split, written to `out` (rank 0), and optionally into new shards."""
-    init_distributed()
     export, data, out = Path(export), Path(data), Path(out)
-    index = ShardIndex.load(data)
+    index = ShardIndex.load(data)  # a missing split or a refused target fails before any process group
     if into_shards is not None:
         _check_shard_target(data, Path(into_shards), overwrite)
+    init_distributed()
     device = _device()
     embedded = embed_split(export, data, cfg, device)
     if world_rank() == 0:
@@ -206,13 +206,18 @@ def run_embed(cfg: Config, export: str | os.PathLike, data: str | os.PathLike, o
 
 
 def checkpoint_folder(run_dir: Path, tag: str = "auto") -> Path:
-    """The newest complete checkpoint of a run ("auto"), or the given tag folder if it is complete."""
+    """The newest complete checkpoint of a run ("auto"), or the given tag if it is complete: a folder, or
+    a tag name (`step000100`) under the run's checkpoints/."""
     if tag == "auto":
         found = checkpoint.complete_checkpoints(run_dir / "checkpoints")
         if not found:
             raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
         return found[-1][1]
     folder = Path(tag)
+    if not folder.is_dir() and (run_dir / "checkpoints" / tag).is_dir():
+        folder = run_dir / "checkpoints" / tag
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder {folder} (nor {run_dir / 'checkpoints' / tag})")
     if not (folder / checkpoint.MARKER).is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {checkpoint.MARKER} file)")
     return folder
