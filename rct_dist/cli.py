@@ -364,6 +364,13 @@ def main(argv: list[str] | None = None) -> None:
         text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line, always
         print(f"rct-dist {args.command}: {text}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except RuntimeError as error:  # too many non-finite steps in a row: what happened and what to try, one line
+        nonfinite = sys.modules.get("rct_dist.train.nonfinite")
+        if nonfinite is None or not isinstance(error, nonfinite.NonFiniteStepError):
+            raise
+        text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"rct-dist {args.command}: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     except BrokenPipeError:  # output piped into `head` and the like
         import os
 

@@ -721,6 +721,7 @@ BENCH_SMALL = {
     "bench/eval_memory.py": {"--sizes": "256", "--dim": "16"},
     # --workers 0 alone divides by zero in synthetic_split (shards = max(workers) * 2): 0 1 is the smallest
     "bench/data_throughput.py": {"--workers": "0 1", "--batch-size": "8", "--samples": "32", "--image-size": "28"},
+    "bench/resume_start.py": {"--batch-size": "8", "--image-size": "28"},
 }
 
 
@@ -770,7 +771,7 @@ def rule_bench(p: Parsed, cmd: Command) -> Plan | None:
         words = list(p.words)
         for name, value in BENCH_SMALL[script].items():
             words = _set_multi(words, name, value)
-        if script == "bench/data_throughput.py" and "--synthetic" in words:
+        if script in ("bench/data_throughput.py", "bench/resume_start.py") and "--synthetic" in words:
             words = _set_multi(words, "--synthetic", "64")
         out = run_shell(shell_join(p.env, words), sandbox.env, sandbox.root)
         assert out.returncode == 0, tail(out)

@@ -295,3 +295,27 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_job(digits_shards, tmp
                                         "checkpoint.every_steps=5"]))
     kept = usable_checkpoints(tmp_path / "runs" / "nan_stop" / "checkpoints")
     assert [step for step, _ in kept] == [5]  # the last good checkpoint, intact; nothing saved after the stop
+
+
+def test_cli_stops_on_nonfinite_steps_with_one_line(digits_shards, tmp_path, monkeypatch, capsys):
+    from rct_dist import cli
+
+    config = _config(tmp_path, "nan_cli", digits_shards)
+    _nan_loss_on(monkeypatch, set(range(1, 1000)))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["transfer", "--config", str(config), "optim.epochs=1", "optim.max_nonfinite_steps=0"])
+    err = [line.split("\r")[-1] for line in capsys.readouterr().err.strip().splitlines()]  # after the bar
+    assert stop.value.code == 1 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("rct-dist transfer: ") and "in a row" in err[-1] and "optim.lr" in err[-1]
+
+
+def test_resume_with_a_changed_data_plan_is_refused(digits_shards, tmp_path):
+    from rct_dist.config import ConfigError, load_config
+    from rct_dist.train.loop import train
+
+    config = _config(tmp_path, "plan", digits_shards)
+    train(load_config(str(config), ["optim.epochs=1"]))
+    changed = r"seed: 5 then, 6 now; batch_size: 20 then, 10 now; pk: \[5, 4\] then, \[5, 2\] now"
+    with pytest.raises(ConfigError, match=rf"the data plan changed \({changed}\)"):
+        train(load_config(str(config), ["run.resume=auto", "optim.epochs=2", "run.seed=6", "data.batch_size=10",
+                                        "data.pk=[5, 2]"]))

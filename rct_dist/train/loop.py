@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rct_dist.config import Config, config_to_dict, save_config
+from rct_dist.config import Config, ConfigError, config_to_dict, save_config
 from rct_dist.data.epoch_plan import step_seed
 from rct_dist.data.loader import ShardIndex, make_loader, sample_table
 from rct_dist.data.transforms import Preprocess, build_transform, preprocess_for, renormalization
@@ -237,7 +237,7 @@ def check_plan(saved: dict[str, Any] | None, current: dict[str, Any], start: Pat
         return
     changed = [f"{k}: {saved.get(k)!r} then, {current[k]!r} now" for k in current if saved.get(k) != current[k]]
     if changed:
-        raise ValueError(f"cannot resume from {start}: the data plan changed ({'; '.join(changed)}). Resume "
+        raise ConfigError(f"cannot resume from {start}: the data plan changed ({'; '.join(changed)}). Resume "
                          "with the settings the checkpoint was trained with, or start a new run")
 
 
@@ -346,61 +346,65 @@ def train(cfg: Config) -> dict[str, Any]:
     logged["data"].update(mean=list(preprocess.mean), std=list(preprocess.std),
                           interpolation=preprocess.interpolation, crop_pct=preprocess.crop_pct)
     monitor.start(logged, [f"eval/recall@{min(cfg.eval.ks)}", "eval/map@r"], step)
-    stopped_early = selection.should_stop()
-    for epoch in range(state["epoch"], cfg.optim.epochs if not stopped_early else state["epoch"]):
-        resumed = state["samples"] if epoch == state["epoch"] else 0
-        loader = make_loader(train_index, epoch=epoch, start_samples=resumed, **loader_args)
-        plan_of_epoch = loader.plan
-        monitor.start_epoch(epoch, cfg.optim.epochs, plan_of_epoch.units // world,
-                            initial=plan_of_epoch.start_unit // world)
-        engine.train()
-        engine.module.backbone_frozen = epoch < cfg.optim.warmup_epochs_new_layers
-        timer.start()
-        last_loss = "-"  # the progress bar shows the last logged loss: no .item() sync on other steps
-        for i, (images, labels, _, *stored) in enumerate(loader):
-            torch.manual_seed(step_seed(cfg.run.seed, epoch, int(plan_of_epoch.unit_ids[i])))  # dropout & co.
-            images, labels, stored, n_images, n_views = feed(images, labels, *stored)
-            timer.data_ready()
-            target = teacher(images) if teacher is not None else stored[0] if stored else None
-            loss, parts, student_emb = engine(images, labels, target)
-            guard.note_loss(loss)  # a NaN/Inf here or in a gradient skips the step on every rank (nonfinite.py)
-            engine.backward(loss)
-            engine.step()
-            timer.step_done(n_images, n_views)
-            step += 1
-            state.update(samples=resumed + (i + 1) * plan_of_epoch.samples_per_step, step=step,
-                         nonfinite_steps=guard.skipped_total)
-            if step % cfg.log.every_steps == 0:
-                values = step_scalars(timer.read(), world, loss, parts, engine, target, student_emb)
-                values["train/nonfinite_steps"] = float(guard.skipped_total)
-                monitor.scalars(values, step)
-                last_loss = f"{values['loss/total']:.4f}"
-            monitor.advance({"loss": last_loss})
-            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and i + 1 < len(loader)
-                    and step % accumulation == 0):
-                # (the epoch's last step is saved once, at the epoch's end, with the evaluation's state)
-                checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
-                                {**state, "epoch": epoch, "selection": selection.state()}, cfg.checkpoint.keep)
-            timer.next_step()
-        monitor.end_epoch()
-        skipped = _epoch_skips(loader, device)
-        monitor.train_epoch(epoch, step, {"skipped": skipped, "nonfinite_steps": guard.skipped_total})
-        if any(skipped.values()):
-            monitor.say(f"epoch {epoch + 1}: skipped unreadable data {skipped}")
-        state.update(epoch=epoch + 1, samples=0, step=step)
-        if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.eval.every_epochs == 0:
-            metrics = _evaluate_and_select(cfg, engine, selection, epoch + 1, step, dtype, preprocess, monitor, run_dir)
-            metrics["train_skipped"] = skipped
-        stopped_early = selection.should_stop() and epoch + 1 < cfg.optim.epochs
-        state["selection"] = selection.state()
-        checkpoint.save(engine, run_dir / "checkpoints", step, epoch, dict(state), cfg.checkpoint.keep)
-        if stopped_early:
-            monitor.say(f"stopping early after epoch {epoch + 1}: validation R@1 has not improved for "
-                        f"{selection.stale} evaluations (best {100 * selection.best_val_r1:.2f})")
-            break
-    if not metrics:  # no epoch evaluated here (optim.epochs 0, or a finished run resumed): the model as it is
-        metrics = _evaluate_and_select(cfg, engine, selection, state["epoch"], step, dtype, preprocess, monitor,
-                                       run_dir)
+    try:
+        stopped_early = selection.should_stop()
+        for epoch in range(state["epoch"], cfg.optim.epochs if not stopped_early else state["epoch"]):
+            resumed = state["samples"] if epoch == state["epoch"] else 0
+            loader = make_loader(train_index, epoch=epoch, start_samples=resumed, **loader_args)
+            plan_of_epoch = loader.plan
+            monitor.start_epoch(epoch, cfg.optim.epochs, plan_of_epoch.units // world,
+                                initial=plan_of_epoch.start_unit // world)
+            engine.train()
+            engine.module.backbone_frozen = epoch < cfg.optim.warmup_epochs_new_layers
+            timer.start()
+            last_loss = "-"  # the progress bar shows the last logged loss: no .item() sync on other steps
+            for i, (images, labels, _, *stored) in enumerate(loader):
+                torch.manual_seed(step_seed(cfg.run.seed, epoch, int(plan_of_epoch.unit_ids[i])))  # dropout & co.
+                images, labels, stored, n_images, n_views = feed(images, labels, *stored)
+                timer.data_ready()
+                target = teacher(images) if teacher is not None else stored[0] if stored else None
+                loss, parts, student_emb = engine(images, labels, target)
+                guard.note_loss(loss)  # a NaN/Inf here or in a gradient skips the step on every rank (nonfinite.py)
+                engine.backward(loss)
+                engine.step()
+                timer.step_done(n_images, n_views)
+                step += 1
+                state.update(samples=resumed + (i + 1) * plan_of_epoch.samples_per_step, step=step,
+                             nonfinite_steps=guard.skipped_total)
+                if step % cfg.log.every_steps == 0:
+                    values = step_scalars(timer.read(), world, loss, parts, engine, target, student_emb)
+                    values["train/nonfinite_steps"] = float(guard.skipped_total)
+                    monitor.scalars(values, step)
+                    last_loss = f"{values['loss/total']:.4f}"
+                monitor.advance({"loss": last_loss})
+                if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and i + 1 < len(loader)
+                        and step % accumulation == 0):
+                    # (the epoch's last step is saved once, at the epoch's end, with the evaluation's state)
+                    checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
+                                    {**state, "epoch": epoch, "selection": selection.state()}, cfg.checkpoint.keep)
+                timer.next_step()
+            monitor.end_epoch()
+            skipped = _epoch_skips(loader, device)
+            monitor.train_epoch(epoch, step, {"skipped": skipped, "nonfinite_steps": guard.skipped_total})
+            if any(skipped.values()):
+                monitor.say(f"epoch {epoch + 1}: skipped unreadable data {skipped}")
+            state.update(epoch=epoch + 1, samples=0, step=step)
+            if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.eval.every_epochs == 0:
+                metrics = _evaluate_and_select(cfg, engine, selection, epoch + 1, step, dtype, preprocess, monitor, run_dir)
+                metrics["train_skipped"] = skipped
+            stopped_early = selection.should_stop() and epoch + 1 < cfg.optim.epochs
+            state["selection"] = selection.state()
+            checkpoint.save(engine, run_dir / "checkpoints", step, epoch, dict(state), cfg.checkpoint.keep)
+            if stopped_early:
+                monitor.say(f"stopping early after epoch {epoch + 1}: validation R@1 has not improved for "
+                            f"{selection.stale} evaluations (best {100 * selection.best_val_r1:.2f})")
+                break
+        if not metrics:  # no epoch evaluated here (optim.epochs 0, or a finished run resumed): the model as it is
+            metrics = _evaluate_and_select(cfg, engine, selection, state["epoch"], step, dtype, preprocess, monitor,
+                                           run_dir)
+    except BaseException:
+        monitor.close(finished=False)  # the progress bar and event files closed before the error is shown
+        raise
     monitor.close()
     kept = selection.best
     return {**kept["test"], "val": kept["val"], "final": {**summary(metrics), "epoch": state["epoch"]},
