@@ -31,7 +31,8 @@ from rct_dist.eval import evaluate, extract_embeddings
 from rct_dist.models import EmbeddingModel, build_raw_features, export_model, load_exported
 from rct_dist.train import checkpoint
 from rct_dist.train.engine import init_distributed
-from rct_dist.train.loop import valid_rows, build_task
+from rct_dist.train.build import build_task
+from rct_dist.train.loop import valid_rows
 
 Embedded = tuple[torch.Tensor, torch.Tensor, list[str]]  # embeddings (N, dim) fp32, labels (N,), keys
 

@@ -6,7 +6,7 @@ from rct_dist.losses.pkt import PKTLoss
 from rct_dist.losses.proxy_anchor import ProxyAnchorLoss
 from rct_dist.losses.regression import EmbeddingRegressionLoss
 from rct_dist.losses.relaxed_contrastive import RelaxedContrastiveLoss
-from rct_dist.losses.rkd import RKDAngleLoss, RKDDistanceLoss
+from rct_dist.losses.rkd import RKDAngleLoss, RKDDistanceLoss, RKDLoss
 
 __all__ = [
     "DarkRankLoss",
@@ -17,5 +17,6 @@ __all__ = [
     "ProxyAnchorLoss",
     "RKDAngleLoss",
     "RKDDistanceLoss",
+    "RKDLoss",
     "RelaxedContrastiveLoss",
 ]

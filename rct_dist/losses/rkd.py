@@ -96,3 +96,18 @@ class RKDAngleLoss(PairwiseTransferLoss):
                 use_reentrant=False,
             )
         return {"angle": total / n**3}
+
+
+class RKDLoss(torch.nn.Module):
+    """RKD as its paper and the RC paper's comparison use it: distance + 2 x angle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.distance = RKDDistanceLoss()
+        self.angle = RKDAngleLoss()
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, return_parts: bool = False):
+        d = self.distance(student, teacher)
+        a = self.angle(student, teacher)
+        loss = d + 2.0 * a
+        return (loss, {"distance": d.detach(), "angle": a.detach()}) if return_parts else loss

@@ -1,0 +1,70 @@
+"""What a run trains and against what, built from its config: the task (student + criterion) and the
+frozen teacher. Shared by the training loop and the jobs (export rebuilds the same task)."""
+
+from __future__ import annotations
+
+import torch
+
+from rct_dist.config import Config
+from rct_dist.data.loader import ShardIndex
+from rct_dist.losses import (
+    DarkRankLoss,
+    EmbeddingRegressionLoss,
+    PKTLoss,
+    ProxyAnchorLoss,
+    RelaxedContrastiveLoss,
+    RKDLoss,
+)
+from rct_dist.models import FrozenTeacher, build_model
+from rct_dist.models.export import read_config
+from rct_dist.train.task import TransferTask
+
+
+def teacher_dim(cfg: Config, train_index: ShardIndex | None = None) -> int:
+    """Width of the teacher's embeddings, known before any teacher runs (the regression loss needs it)."""
+    t = cfg.teacher
+    if t.source == "export":
+        return int(read_config(t.export)["embedding_size"])
+    if t.source == "shards" and train_index is not None and train_index.teacher_dim is not None:
+        return train_index.teacher_dim
+    return t.embedding_size
+
+
+def build_task(cfg: Config, num_classes: int, teacher_size: int | None = None) -> TransferTask:
+    """Student + criterion of a run; `teacher_size` (default `teacher_dim(cfg)`) sizes the regression map."""
+    net = build_model(cfg.model.backbone, cfg.model.embedding_size, pretrained=cfg.model.pretrained,
+                      pretrained_file=cfg.model.pretrained_file, normalize=cfg.model.normalize,
+                      feature_blocks=cfg.model.feature_blocks, freeze_bn=cfg.model.freeze_bn)
+    supervised = None
+    if cfg.job == "train-teacher" or cfg.loss.supervised_weight > 0:
+        supervised = ProxyAnchorLoss(num_classes, cfg.model.embedding_size, margin=cfg.loss.margin,
+                                     alpha=cfg.loss.alpha)
+    if cfg.job == "train-teacher":
+        return TransferTask(net, supervised=supervised)
+    transfer = {
+        "rc": lambda: RelaxedContrastiveLoss(sigma=cfg.loss.sigma, delta=cfg.loss.delta),
+        "rkd": RKDLoss,
+        "pkt": PKTLoss,
+        "darkrank": DarkRankLoss,
+        "regression": lambda: EmbeddingRegressionLoss(cfg.model.embedding_size, teacher_size or teacher_dim(cfg)),
+    }[cfg.loss.name]()
+    return TransferTask(net, transfer=transfer, supervised=supervised, supervised_weight=cfg.loss.supervised_weight)
+
+
+def build_teacher(cfg: Config, device: torch.device) -> FrozenTeacher | None:
+    """The frozen teacher model; None for `teacher.source: shards`, whose embeddings come with the batches.
+
+    A stored (black-box) teacher embedded each image once, not each augmented view: every view of an
+    image gets that one embedding, as every view gets the image's label.
+    """
+    t = cfg.teacher
+    if t.source == "shards":
+        return None
+    if t.source == "export":
+        teacher = FrozenTeacher.from_export(t.export, dtype=t.dtype)
+    elif t.source == "model":
+        teacher = FrozenTeacher.from_timm(t.backbone, t.embedding_size, pretrained=t.pretrained,
+                                          pretrained_file=t.pretrained_file, dtype=t.dtype)
+    else:
+        raise ValueError(f"teacher.source {t.source!r} is not supported (use 'model', 'export' or 'shards')")
+    return teacher.to(device)
