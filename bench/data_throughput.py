@@ -63,12 +63,12 @@ def measure(split: Path, workers: int, args: argparse.Namespace) -> tuple[int, f
     finish = DeviceDecode(args.image_size, "cuda", views=args.views) if gpu else None
     start = time.perf_counter()
     batches = iter(loader)
-    images = len(next(batches)[0])
+    images = len(next(batches))
     first = time.perf_counter()
     for batch in batches:
-        images += len(batch[0])
+        images += len(batch)
         if finish is not None:
-            finish(batch[0])
+            finish(batch.images)
     if finish is not None:
         torch.cuda.synchronize()
     return images, first - start, time.perf_counter() - first

@@ -308,7 +308,8 @@ def plain_worker(config_file: str, mode: str) -> dict[str, Any]:
                                                    **preprocess.transform_kwargs()))
     timer, windows = StepTimer(sync=device_sync(device)), []
     timer.start()
-    for step, (images, labels, _) in enumerate(loader, 1):
+    for step, batch in enumerate(loader, 1):
+        images, labels = batch.images, batch.labels
         images, labels, _, n_images, n_views = feed(images, labels)
         timer.data_ready()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

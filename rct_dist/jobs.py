@@ -22,6 +22,7 @@ import torch.distributed as dist
 import webdataset as wds
 
 from rct_dist.config import Config, load_config
+from rct_dist.data.batch import valid_rows
 from rct_dist.data.loader import TEACHER_FIELD, ShardIndex, make_loader
 from rct_dist.data.transforms import build_transform, preprocess_for
 from rct_dist.atomic import atomic_write
@@ -32,7 +33,6 @@ from rct_dist.models import EmbeddingModel, build_raw_features, export_model, lo
 from rct_dist.train import checkpoint
 from rct_dist.train.engine import init_distributed
 from rct_dist.train.build import build_task
-from rct_dist.train.loop import valid_rows
 
 Embedded = tuple[torch.Tensor, torch.Tensor, list[str]]  # embeddings (N, dim) fp32, labels (N,), keys
 

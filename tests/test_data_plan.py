@@ -36,8 +36,8 @@ def _batches(split_dir, **kw) -> list[tuple]:
 def _same(a: list[tuple], b: list[tuple]) -> None:
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
-        assert x[2] == y[2]
-        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+        assert x.keys == y.keys
+        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
 
 
 def test_same_tensors_with_zero_or_two_workers(split):
@@ -46,8 +46,8 @@ def test_same_tensors_with_zero_or_two_workers(split):
 
 def test_views_and_epochs_draw_different_augmentations(split):
     a, b = _batches(split[0], epoch=1), _batches(split[0], epoch=2)
-    assert not torch.equal(a[0][0][:, 0], a[0][0][:, 1])
-    assert [x[2] for x in a] != [x[2] for x in b]
+    assert not torch.equal(a[0].images[:, 0], a[0].images[:, 1])
+    assert [x.keys for x in a] != [x.keys for x in b]
 
 
 def test_resume_reads_nothing_before_its_point_and_equals_the_tail(split, monkeypatch):
@@ -127,7 +127,7 @@ def test_random_byte_flips_are_skipped_and_counted(tmp_path, split):
         assert len(batches) == len(loader) > 0
         skipped = loader.skipped
         assert sum(skipped.values()) > 0, skipped
-        assert {k for b in batches for k in b[2]} <= set(split[1])
+        assert {k for b in batches for k in b.keys} <= set(split[1])
 
 
 def test_image_that_is_not_an_image_is_replaced_within_its_class(tmp_path):
@@ -138,9 +138,9 @@ def test_image_that_is_not_an_image_is_replaced_within_its_class(tmp_path):
     batches = list(loader)
     assert loader.skipped == {"damaged_shards": 0, "lost_samples": 0, "bad_images": plan_ids.count(bad)} \
         and plan_ids.count(bad) == 1
-    for images, labels, batch_keys in batches:
-        assert sorted(Counter(labels.tolist()).values()) == [2, 2, 2]  # still P x K
-        assert "s00004" not in batch_keys and images.isfinite().all()
+    for batch in batches:
+        assert sorted(Counter(batch.labels.tolist()).values()) == [2, 2, 2]  # still P x K
+        assert "s00004" not in batch.keys and batch.images.isfinite().all()
 
 
 def test_truncated_shard_loses_only_what_lies_behind_the_cut(tmp_path):
@@ -153,7 +153,7 @@ def test_truncated_shard_loses_only_what_lies_behind_the_cut(tmp_path):
     assert not table.complete and "truncated" in table.error
     assert table.keys == full.keys[:5]
     loader = make_loader(split_dir, batch_size=4, train=False, image_size=SIZE, workers=0, rank=0, world=1)
-    seen = {k for *_, ks, valid in loader for k, ok in zip(ks, valid.tolist()) if ok}
+    seen = {k for b in loader for k in b.only_valid().keys}
     assert loader.skipped == {"damaged_shards": 1, "lost_samples": 4, "bad_images": 0}
     assert set(keys) - seen == set(full.keys[5:])
 

@@ -75,7 +75,8 @@ def test_embed_into_shards_then_transfer_and_export(teacher, digits_shards, tmp_
     assert (copy.teacher_dim, copy.shard_samples, copy.classes) == (32, index.shard_samples, index.classes)
     row = {k: i for i, k in enumerate(keys)}
     loader = make_loader(copy, batch_size=20, train=True, image_size=16, views=2, workers=0, teacher_embeddings=True)
-    images, batch_labels, batch_keys, stored_teacher = next(iter(loader))
+    first = next(iter(loader))
+    images, batch_labels, batch_keys, stored_teacher = first.images, first.labels, first.keys, first.teacher
     assert images.shape == (20, 2, 3, 16, 16) and stored_teacher.dtype == torch.float32
     torch.testing.assert_close(stored_teacher, torch.from_numpy(embeddings[[row[k] for k in batch_keys]]),
                                rtol=0, atol=0)

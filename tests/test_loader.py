@@ -59,8 +59,8 @@ def split(tmp_path_factory) -> tuple[Path, list[str]]:
     return write_split(tmp_path_factory.mktemp("shards"))
 
 
-def _valid_keys(batches: list[tuple]) -> list[str]:
-    return [k for _, _, keys, valid in batches for k, v in zip(keys, valid.tolist()) if v]
+def _valid_keys(batches: list) -> list[str]:
+    return [k for b in batches for k, v in zip(b.keys, b.valid.tolist()) if v]
 
 
 def test_index_errors(tmp_path, split):
@@ -81,7 +81,7 @@ def test_eval_every_sample_once_across_ranks_and_workers(split):
                for r in range(2)]
     per_rank = [list(ld) for ld in loaders]
     assert len(per_rank[0]) == len(per_rank[1]) == len(loaders[0]) == len(loaders[1])
-    assert all(images.shape == (4, 3, SIZE, SIZE) for batches in per_rank for images, *_ in batches)
+    assert all(b.images.shape == (4, 3, SIZE, SIZE) for batches in per_rank for b in batches)
     seen = _valid_keys(per_rank[0]) + _valid_keys(per_rank[1])
     assert sorted(seen) == keys
 
@@ -93,10 +93,11 @@ def test_train_equal_full_batches_with_uneven_shards(split):
     per_rank = [list(ld) for ld in loaders]
     assert [len(b) for b in per_rank] == [len(keys) // 8] * 2 == [len(ld) for ld in loaders]
     for batches in per_rank:
-        for images, labels, batch_keys in batches:
+        for batch in batches:
+            images, labels, batch_keys = batch.images, batch.labels, batch.keys
             assert images.shape == (4, 3, SIZE, SIZE) and labels.shape == (4,) and len(batch_keys) == 4
             assert all(int(k[1:]) % CLASSES == c for k, c in zip(batch_keys, labels.tolist()))
-    seen = [k for batches in per_rank for _, _, ks in batches for k in ks]
+    seen = [k for batches in per_rank for b in batches for k in b.keys]
     assert len(seen) == len(set(seen)) == 40  # 10 global batches of 4, each sample at most once
 
 
@@ -107,7 +108,7 @@ def test_samples_per_epoch_and_resampled(split):
     assert len(list(loader)) == len(loader) == 25
     longer = make_loader(split_dir, batch_size=4, train=True, image_size=SIZE, workers=0, samples_per_epoch=100,
                          rank=0, world=1)  # 100 samples of a 42-sample split: three seeded passes
-    keys = [k for _, _, ks in longer for k in ks]
+    keys = [k for b in longer for k in b.keys]
     assert len(keys) == 100 and Counter(Counter(keys).values()) == {2: 26, 3: 16}
 
 
@@ -127,7 +128,7 @@ def _rank_epochs(rank: int, world: int, split_dir: str) -> dict:
     out = {}
     for epoch in range(2):
         loader = make_loader(split_dir, batch_size=4, train=True, image_size=SIZE, workers=0, epoch=epoch)
-        out[f"keys{epoch}"] = [ks for _, _, ks in loader]
+        out[f"keys{epoch}"] = [b.keys for b in loader]
     eval_loader = make_loader(split_dir, batch_size=4, train=False, image_size=SIZE, workers=2)
     out["eval_keys"] = _valid_keys(list(eval_loader))
     return out
@@ -138,7 +139,7 @@ def test_global_sequence_under_torch_distributed(split):
     split_dir, keys = split
     ranks = run_ranks(_rank_epochs, 2, str(split_dir))
     for e in range(2):
-        single = [ks for _, _, ks in make_loader(split_dir, batch_size=4, train=True, image_size=SIZE, workers=0,
+        single = [b.keys for b in make_loader(split_dir, batch_size=4, train=True, image_size=SIZE, workers=0,
                                                    epoch=e, rank=0, world=1)]
         assert len(ranks[0][f"keys{e}"]) == len(ranks[1][f"keys{e}"]) == len(keys) // 8
         interleaved = [ranks[s % 2][f"keys{e}"][s // 2] for s in range(2 * len(ranks[0][f"keys{e}"]))]
@@ -149,8 +150,9 @@ def test_global_sequence_under_torch_distributed(split):
 
 def test_views_are_different_augmentations_of_one_image(split):
     split_dir, _ = split
-    images, labels, keys = next(iter(make_loader(split_dir, batch_size=4, train=True, image_size=SIZE,
-                                                 views=3, workers=0, rank=0, world=1)))
+    first = next(iter(make_loader(split_dir, batch_size=4, train=True, image_size=SIZE,
+                                  views=3, workers=0, rank=0, world=1)))
+    images, keys = first.images, first.keys
     assert images.shape == (4, 3, 3, SIZE, SIZE) and len(set(keys)) == 4
     for views in images:
         assert not torch.equal(views[0], views[1]) or not torch.equal(views[1], views[2])
@@ -161,7 +163,8 @@ def test_pk_batches_hold_p_classes_of_k_images(split):
     loader = make_loader(split_dir, batch_size=6, train=True, image_size=SIZE, pk=(3, 2), workers=2, rank=0, world=1)
     batches = list(loader)
     assert len(batches) == len(loader) == 6  # 6 classes x 7 images: 3 groups of 2 per class, 18 groups, 6 units
-    for images, labels, keys in batches:
+    for batch in batches:
+        images, labels, keys = batch.images, batch.labels, batch.keys
         assert images.shape[0] == 6 and len(set(keys)) == 6
         assert sorted(Counter(labels.tolist()).values()) == [2, 2, 2]
     with pytest.raises(ValueError, match="pk"):

@@ -29,7 +29,7 @@ from rct_dist.train.monitor import (
     projector_sample,
     write_projector,
 )
-from rct_dist.train.retrieval_picture import ThumbnailCache
+from rct_dist.eval.retrieval_picture import ThumbnailCache
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -197,6 +197,6 @@ def test_run_export_writes_checked_onnx_of_the_checkpoint(digits_shards, tmp_pat
     # real digits, as the run's evaluation loader feeds them
     loader = make_loader(ShardIndex.load(digits_shards / "test"), batch_size=64, train=False, image_size=16,
                          workers=0, rank=0, world=1)
-    images = next(iter(loader))[0]
+    images = next(iter(loader)).images
     assert images.shape == (64, 3, 16, 16)
     assert_matches(sess, student, images)

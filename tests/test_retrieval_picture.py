@@ -9,7 +9,7 @@ from torch import nn
 
 from multiprocess import run_ranks
 from rct_dist.eval import extract_embeddings
-from rct_dist.train.retrieval_picture import (
+from rct_dist.eval.retrieval_picture import (
     BACKGROUND,
     BORDER,
     IMAGENET_DEFAULT_MEAN,

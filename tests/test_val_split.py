@@ -116,7 +116,8 @@ def test_omniglot_val_after_limit_classes_seeded_and_readable(tmp_path):
     assert (index.split, index.classes, index.samples, index.class_names) == ("dev", 4, 80, tuple(dev["class_names"]))
     loader = make_loader(index, batch_size=16, train=False, image_size=28, workers=0, rank=0, world=1)
     labels, keys = [], []
-    for images, batch_labels, batch_keys, valid in loader:
+    for batch in loader:
+        images, batch_labels, batch_keys, valid = batch.images, batch.labels, batch.keys, batch.valid
         assert images.shape[1:] == (3, 28, 28)
         labels += batch_labels[valid].tolist()
         keys += [key for key, ok in zip(batch_keys, valid.tolist()) if ok]
@@ -124,7 +125,7 @@ def test_omniglot_val_after_limit_classes_seeded_and_readable(tmp_path):
     assert sorted(set(labels)) == [0, 1, 2, 3] and len(labels) == 80
     train_loader = make_loader(tmp_path / "a" / "train", batch_size=8, train=True, image_size=28, workers=0,
                                rank=0, world=1, pk=(4, 2))
-    assert all(isinstance(b[1], torch.Tensor) and int(b[1].max()) < 8 for b in train_loader)
+    assert all(isinstance(b.labels, torch.Tensor) and int(b.labels.max()) < 8 for b in train_loader)
 
 
 def test_hold_out_relabels_both_parts_contiguously():

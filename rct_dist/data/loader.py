@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from rct_dist.data.batch import Batch
 from rct_dist.data.epoch_plan import EpochPlan, augment_seed, plan_epoch
 from rct_dist.data.members import TEACHER_FIELD, SampleTable, build_table
 from rct_dist.data.transforms import build_transform
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 INDEX_FORMAT = "rct-dist-shards/1"
 SKIP_KINDS = ("damaged_shards", "lost_samples", "bad_images")
 
-__all__ = ["INDEX_FORMAT", "SKIP_KINDS", "TEACHER_FIELD", "EpochPlan", "ShardIndex", "ShardLoader", "collate",
+__all__ = ["INDEX_FORMAT", "SKIP_KINDS", "TEACHER_FIELD", "Batch", "EpochPlan", "ShardIndex", "ShardLoader", "collate",
            "decode_teacher", "make_loader", "sample_table"]
 
 
@@ -149,14 +150,15 @@ def decode_teacher(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def collate(samples: Sequence[tuple]) -> tuple:
-    """Tuples of (image, label, key[, teacher][, valid]) -> (stacked images, label tensor, list of keys
-    [, stacked teacher embeddings][, mask]); encoded images (bytes) stay a list."""
-    columns = list(zip(*samples))
-    return tuple(
-        torch.stack(c) if isinstance(c[0], torch.Tensor) else list(c) if isinstance(c[0], (str, bytes))
-        else torch.tensor(c)
-        for c in columns
+def collate(images: Sequence[Any], labels: Sequence[int], keys: Sequence[str],
+            teacher: Sequence[torch.Tensor] | None = None, valid: Sequence[bool] | None = None) -> Batch:
+    """Per-sample fields -> a Batch: images stacked (encoded bytes stay a list), labels and flags as tensors."""
+    return Batch(
+        images=list(images) if isinstance(images[0], bytes) else torch.stack(list(images)),
+        labels=torch.tensor(list(labels), dtype=torch.int64),
+        keys=list(keys),
+        teacher=None if teacher is None else torch.stack(list(teacher)),
+        valid=None if valid is None else torch.tensor(list(valid), dtype=torch.bool),
     )
 
 
@@ -233,7 +235,7 @@ class EpochBatches(Dataset):
             log.warning("unreadable sample %s in %s: %r", t.keys[i], path, exn)
             return None
 
-    def __getitem__(self, step: int) -> tuple:
+    def __getitem__(self, step: int) -> Batch:
         ids = [int(i) for i in self.plan.batches[step]]
         valid = self.plan.valid[step].tolist() if self.plan.valid is not None else [True] * len(ids)
         unit = int(self.plan.unit_ids[step])
@@ -245,7 +247,7 @@ class EpochBatches(Dataset):
             raise RuntimeError(f"no sample of batch {step} (unit {unit}) could be read: "
                                f"{[self.table.keys[i] for i in ids][:5]}...")
         labels = self.table.labels
-        rows = []
+        images, row_labels, keys, teachers, flags = [], [], [], [], []
         for slot, i in enumerate(ids):
             ok = valid[slot]
             if loaded[i] is None:  # another image of the batch, same class if any; eval: an invalid row
@@ -255,14 +257,17 @@ class EpochBatches(Dataset):
             if not self.encoded:
                 with seeded(augment_seed(self.seed, self.epoch, unit, slot)):
                     image = self.transform(image)
-            row = (image, int(labels[i]), self.table.keys[i], *((teacher,) if self.teacher_embeddings else ()))
-            rows.append(row if self.train else (*row, ok))
-        return collate(rows)
+            images.append(image)
+            row_labels.append(int(labels[i]))
+            keys.append(self.table.keys[i])
+            teachers.append(teacher)
+            flags.append(ok)
+        return collate(images, row_labels, keys, teachers if self.teacher_embeddings else None,
+                       None if self.train else flags)
 
 
 class ShardLoader:
-    """Iterable of one epoch's batches for this rank: (images, labels, keys[, teacher]) in training, plus
-    `valid` in eval."""
+    """Iterable of one epoch's `Batch`es for this rank (`valid` set in eval, `teacher` when asked for)."""
 
     def __init__(self, batches: DataLoader, plan: EpochPlan, table: SampleTable, bad_images: BadImageCounter):
         self._batches, self.plan, self.table, self._bad = batches, plan, table, bad_images
@@ -275,7 +280,7 @@ class ShardLoader:
         """Damaged shards and lost samples of the split, bad images of the current (or last) epoch."""
         return {**self.table.damage, "bad_images": self._bad.total()}
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[Batch]:
         self._bad.reset()
         yield from self._batches
         if any(self.skipped.values()):
@@ -304,16 +309,17 @@ def make_loader(
     decode: str = "cpu",
     start_samples: int = 0,
 ) -> ShardLoader:
-    """Batches of one epoch of a split, for this rank (`batch_size` is per rank).
+    """Batches of one epoch of a split, for this rank (`batch_size` is per rank), as `Batch`es
+    (rct_dist/data/batch.py).
 
     Images are (B, 3, H, W), or (B, views, 3, H, W) when views > 1. `pk=(P, K)` makes class-balanced
     batches of P classes x K images (needs batch_size == P * K; train only). `shuffle_buffer`: the window
     (in samples) inside which the epoch's shard-ordered sequence is shuffled. `samples_per_epoch` sets the
     epoch's length; `resampled` draws its samples with replacement (plain batches). Rank and world default
     to the torch.distributed process group. `start_samples`: samples of the epoch's global sequence
-    already trained on (a mid-epoch resume; a multiple of batch_size). `teacher_embeddings=True` adds each
-    sample's stored teacher embedding after the keys, (B, dim) float32: one per image, shared by its
-    views. `decode="gpu"` (train, CUDA only) yields each batch's images as a list of encoded bytes
+    already trained on (a mid-epoch resume; a multiple of batch_size). `teacher_embeddings=True` fills
+    `Batch.teacher` with each sample's stored teacher embedding, (B, dim) float32: one per image, shared
+    by its views. `decode="gpu"` (train, CUDA only) yields each batch's images as a list of encoded bytes
     instead (see the module docstring); `transform` and `views` then belong to the consumer.
     """
     if decode not in ("cpu", "gpu"):

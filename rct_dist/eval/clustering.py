@@ -8,7 +8,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
 from rct_dist.eval.neighbours import check_inputs
-from rct_dist.losses.pairwise import safe_normalize
+from rct_dist.geometry import safe_normalize
 
 
 def nmi(embeddings: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean", seed: int = 0) -> float:

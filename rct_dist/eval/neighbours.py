@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from rct_dist.losses.pairwise import safe_normalize, self_mask, squared_distances
+from rct_dist.geometry import safe_normalize, self_mask, squared_distances
 
 METRICS = ("euclidean", "cosine")
 BACKENDS = ("auto", "torch", "faiss")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rct_dist.distributed import all_gather_rows, all_gather_stats, all_reduce_sum, is_distributed, world_size
-from rct_dist.losses.pairwise import self_mask
+from rct_dist.geometry import self_mask
 
 # Problem codes travel between ranks as integers; index = code.
 _PROBLEMS = (

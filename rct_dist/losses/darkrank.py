@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from rct_dist.losses.base import PairBatch, PairwiseTransferLoss
-from rct_dist.losses.pairwise import distances
+from rct_dist.geometry import distances
 
 
 class DarkRankLoss(PairwiseTransferLoss):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from rct_dist.losses.base import PairBatch, PairwiseTransferLoss
-from rct_dist.losses.pairwise import safe_sqrt
+from rct_dist.geometry import safe_sqrt
 
 
 def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from rct_dist.distributed import all_gather_rows, is_distributed
 from rct_dist.losses.base import agree_on_inputs, compute_dtype, describe
-from rct_dist.losses.pairwise import safe_normalize
+from rct_dist.geometry import safe_normalize
 
 # Problem codes travel between ranks as integers; index = code.
 _PROBLEMS = (

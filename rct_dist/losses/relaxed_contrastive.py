@@ -21,7 +21,7 @@ import torch
 
 from rct_dist.distributed import world_size
 from rct_dist.losses.base import PairBatch, PairwiseTransferLoss
-from rct_dist.losses.pairwise import distances, safe_normalize, squared_distances
+from rct_dist.geometry import distances, safe_normalize, squared_distances
 from rct_dist.losses.tiled import TileSetup, tile_size, tiled_row_sums
 
 REDUCTIONS = ("paper", "mean_pairs")

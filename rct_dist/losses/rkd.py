@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rct_dist.losses.base import PairBatch, PairwiseTransferLoss
-from rct_dist.losses.pairwise import distances, safe_normalize
+from rct_dist.geometry import distances, safe_normalize
 
 # Floor on the mean distance, so a fully collapsed batch gives zeros instead of 0/0.
 _MIN_MEAN_DISTANCE = 1e-12
@@ -99,15 +99,29 @@ class RKDAngleLoss(PairwiseTransferLoss):
 
 
 class RKDLoss(torch.nn.Module):
-    """RKD as its paper and the RC paper's comparison use it: distance + 2 x angle."""
+    """RKD-DA: `distance_weight` x distance + `angle_weight` x angle; 1 and 2, as the RKD paper and the RC
+    paper's comparison use it. A part with weight 0 is neither computed nor reported (RKD-D or RKD-A alone);
+    `chunk_elements` bounds the angle part's memory (RKDAngleLoss)."""
 
-    def __init__(self) -> None:
+    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0, gather: bool = True,
+                 chunk_elements: int = 2**22) -> None:
         super().__init__()
-        self.distance = RKDDistanceLoss()
-        self.angle = RKDAngleLoss()
+        if distance_weight < 0 or angle_weight < 0:
+            raise ValueError(f"weights must be non-negative, got distance {distance_weight}, angle {angle_weight}")
+        if distance_weight == 0 and angle_weight == 0:
+            raise ValueError("distance_weight and angle_weight are both 0: nothing to learn from")
+        self.distance_weight = distance_weight
+        self.angle_weight = angle_weight
+        self.distance = RKDDistanceLoss(gather=gather)
+        self.angle = RKDAngleLoss(gather=gather, chunk_elements=chunk_elements)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, return_parts: bool = False):
-        d = self.distance(student, teacher)
-        a = self.angle(student, teacher)
-        loss = d + 2.0 * a
-        return (loss, {"distance": d.detach(), "angle": a.detach()}) if return_parts else loss
+        parts = {}
+        loss = None
+        for name, weight, part in (("distance", self.distance_weight, self.distance),
+                                   ("angle", self.angle_weight, self.angle)):
+            if weight:
+                value = part(student, teacher)
+                parts[name] = value.detach()
+                loss = weight * value if loss is None else loss + weight * value
+        return (loss, parts) if return_parts else loss

@@ -38,7 +38,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rct_dist.distributed import all_reduce_sum
-from rct_dist.losses.pairwise import distances, self_mask, squared_distances
+from rct_dist.geometry import distances, self_mask, squared_distances
 
 AUTO_TILE = 1024
 """Tile edge that `chunk_size=None` uses once tiling pays (a (1024, 1024) fp32 block is 4 MiB)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rct_dist.config import Config, ConfigError, config_to_dict, save_config
+from rct_dist.data.batch import valid_rows
 from rct_dist.data.epoch_plan import step_seed
 from rct_dist.data.loader import ShardIndex, make_loader, sample_table
 from rct_dist.data.transforms import Preprocess, build_transform, preprocess_for, renormalization
@@ -33,7 +34,7 @@ from rct_dist.train.engine import (build_engine, deepspeed_config, init_distribu
 from rct_dist.train.feed import DeviceFeed, prepare_models, views_flat
 from rct_dist.train.monitor import Monitor, projector_sample
 from rct_dist.train.selection import Selection, resolve_select, summary
-from rct_dist.train.retrieval_picture import ThumbnailCache, retrieval_picture
+from rct_dist.eval.retrieval_picture import ThumbnailCache, retrieval_picture
 from rct_dist.train.timing import StepTimer, device_sync, step_scalars
 
 
@@ -83,12 +84,6 @@ class _Embedder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images.to(self.dtype)).float()
-
-
-def valid_rows(batches) -> Iterator[tuple]:
-    """Eval batches without the loader's padding rows (valid=False): (images, labels, keys)."""
-    for images, labels, keys, valid in batches:
-        yield images[valid], labels[valid], [k for k, ok in zip(keys, valid.tolist()) if ok]
 
 
 def run_evaluation(cfg: Config, net: nn.Module, dtype: torch.dtype, device: torch.device,
@@ -194,6 +189,8 @@ def train(cfg: Config) -> dict[str, Any]:
     init_distributed()
     rank, world = world_rank(), world_size()
     run_dir = prepare_run_dir(cfg)
+    from rct_dist.logs import setup_logging
+    setup_logging(rank, run_dir / "train.log")  # rank 0: INFO on stderr and appended to train.log; others: WARNING
     monitor = Monitor(run_dir / "tensorboard", enabled=rank == 0, tensorboard=cfg.log.tensorboard,
                       results_file=run_dir / "results.jsonl")
     preprocess = preprocess_for(cfg)
@@ -228,7 +225,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if universal:  # ZeRO's per-rank optimizer partitions, re-partitioned through DeepSpeed's universal format
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine = build_engine(task, ds_config, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps,
-                          total_steps, cfg.optim.proxy_lr_multiplier, schedule=_schedule(cfg, steps_per_epoch, total_steps),
+                          total_steps, cfg.loss.proxy_anchor.lr_multiplier, schedule=_schedule(cfg, steps_per_epoch, total_steps),
                           new_layers_only_steps=cfg.optim.warmup_epochs_new_layers * steps_per_epoch,
                           skip_nonfinite=cfg.optim.skip_nonfinite, max_nonfinite_steps=cfg.optim.max_nonfinite_steps)
     guard = nonfinite_guard(engine)
@@ -283,9 +280,10 @@ def train(cfg: Config) -> dict[str, Any]:
             engine.module.backbone_frozen = epoch < cfg.optim.warmup_epochs_new_layers
             timer.start()
             last_loss = "-"  # the progress bar shows the last logged loss: no .item() sync on other steps
-            for i, (images, labels, _, *stored) in enumerate(loader):
+            for i, batch in enumerate(loader):
                 torch.manual_seed(step_seed(cfg.run.seed, epoch, int(plan_of_epoch.unit_ids[i])))  # dropout & co.
-                images, labels, stored, n_images, n_views = feed(images, labels, *stored)
+                stored = () if batch.teacher is None else (batch.teacher,)
+                images, labels, stored, n_images, n_views = feed(batch.images, batch.labels, *stored)
                 timer.data_ready()
                 target = teacher(images) if teacher is not None else stored[0] if stored else None
                 loss, parts, student_emb = engine(images, labels, target)

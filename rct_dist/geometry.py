@@ -1,4 +1,5 @@
-"""Pairwise geometry shared by the transfer losses: distances between this rank's rows and all columns.
+"""Pairwise geometry shared by the transfer losses and the retrieval metrics (torch only): distances between
+rows and columns, safe norms and square roots, the self-pair mask.
 
 Distances use the Gram form |r|^2 + |c|^2 - 2 r.c (one matrix product, fast on every device) after
 subtracting the batch centroid from rows and columns. Distances do not change under a shared shift,
