@@ -355,6 +355,9 @@ def _adopt_local_rank(local_rank: int | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _adopt_local_rank(args.local_rank)
+    from rct_dist.logs import environment_rank, setup_logging
+
+    setup_logging(environment_rank())  # rank 0: INFO on stderr; other ranks: WARNING, prefixed with the rank
     from rct_dist.config import ConfigError
     from rct_dist.distributed.world import LaunchError
 

@@ -13,11 +13,15 @@
   `projector_sample`) and lists them in `projector_config.pbtxt`.
 - `results.jsonl` in the run folder: one JSON line per evaluation, appended with a single write and
   fsynced, never truncated; after a resume a step evaluated twice has two lines, the later one counts.
+- Messages (`say`: evaluations, resumes, early stops) are INFO records of the `rct_dist.train` logger:
+  with `rct_dist.logs.setup_logging` on stderr and in the run's `train.log`. The progress bar stays a
+  bar on stderr; at an epoch's end (or when the run stops inside one) its final state is one INFO line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -35,6 +39,8 @@ from rct_dist.distributed import all_gather_rows, all_gather_stats, world_rank
 PROJECTOR_FOLDER = "projector"
 PROJECTOR_CONFIG = "projector_config.pbtxt"
 MISSING_THUMBNAIL = 48  # gray level of a sprite tile whose image no rank kept
+
+log = logging.getLogger("rct_dist.train")
 
 
 def distance_correlation(teacher: torch.Tensor, student: torch.Tensor) -> float:
@@ -201,6 +207,22 @@ def purge_projector(log_dir: Path, after_step: int) -> None:
         _write_projector_config(Path(log_dir), config)
 
 
+def bar_summary(bar, stopped: bool = False) -> str:
+    """A tqdm bar's state as one line; the rate counts the steps this process ran (a resumed epoch's bar
+    starts at the resume point)."""
+    from tqdm import tqdm
+
+    state = bar.format_dict
+    done, total, elapsed = state["n"], state["total"], state["elapsed"]
+    ran = done - (state.get("initial") or 0)
+    rate = f"{ran / elapsed:.2f} steps/s" if elapsed > 0 and ran > 0 else "no steps" if ran <= 0 else "-"
+    resumed = f", resumed at {state['initial']}" if state.get("initial") else ""
+    postfix = f", {state['postfix'].replace('=', ' ')}" if state.get("postfix") else ""
+    where = "stopped at " if stopped else ""
+    return (f"{state['prefix'] or 'epoch'}: {where}{done}/{total} steps in {tqdm.format_interval(elapsed)} "
+            f"({rate}{resumed}){postfix}")
+
+
 class Monitor:
     """TensorBoard writer, tqdm bar and results file that exist on rank 0 and do nothing elsewhere."""
 
@@ -304,17 +326,22 @@ class Monitor:
             self.bar.update()
 
     def say(self, text: str) -> None:
+        """One INFO line of the `rct_dist.train` logger (rank 0's; a progress bar is redrawn below it)."""
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
+            log.info(text)
 
-    def end_epoch(self) -> None:
+    def end_epoch(self, stopped: bool = False) -> None:
+        """Close the bar, its final state logged as one line: `epoch E/N: n/total steps in mm:ss (r steps/s,
+        this process), loss x` (`stopped at` when the run ends inside the epoch)."""
         if self.bar is not None:
+            line = bar_summary(self.bar, stopped)
             self.bar.close()
             self.bar = None
+            log.info(line)
 
     def close(self, finished: bool = True) -> None:
         """Flush and close; `finished` marks the hparams session as ended successfully."""
-        self.end_epoch()
+        self.end_epoch(stopped=not finished)
         if self._writer is not None:
             if finished and self._hparams:
                 from torch.utils.tensorboard.summary import hparams
