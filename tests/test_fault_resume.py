@@ -319,3 +319,23 @@ def test_resume_with_a_changed_data_plan_is_refused(digits_shards, tmp_path):
     with pytest.raises(ConfigError, match=rf"the data plan changed \({changed}\)"):
         train(load_config(str(config), ["run.resume=auto", "optim.epochs=2", "run.seed=6", "data.batch_size=10",
                                         "data.pk=[5, 2]"]))
+
+
+def test_steps_are_optimizer_steps_with_gradient_accumulation(digits_shards, tmp_path):
+    """With 2 micro-batches per optimizer step, checkpoint tags, checkpoint.every_steps, log.every_steps and
+    results.jsonl count optimizer steps: 44 micro-batches make 22 steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rct_dist.config import load_config
+    from rct_dist.train.loop import train
+
+    config = _config(tmp_path, "accumulate", digits_shards)
+    train(load_config(str(config), ["optim.epochs=1", "deepspeed.gradient_accumulation_steps=2",
+                                    "log.tensorboard=true", "checkpoint.every_steps=5", "checkpoint.keep=10"]))
+    run = tmp_path / "runs" / "accumulate"
+    assert [step for step, _ in complete_checkpoints(run / "checkpoints")] == [5, 10, 15, 20, 22]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/total")] == [5, 10, 15, 20]
+    lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in lines} == {22}

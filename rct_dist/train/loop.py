@@ -240,10 +240,11 @@ def train(cfg: Config) -> dict[str, Any]:
 
     select = resolve_select(cfg.eval.select, cfg.data.val_split)
     plan = plan_inputs(cfg, train_index)
-    # epoch: epochs finished; samples: samples of the epoch's global sequence trained on; step: micro-batches
-    # trained on by each rank so far (checkpoint tags, TensorBoard's x axis); world: ranks when saved.
-    state: dict[str, Any] = {"epoch": 0, "samples": 0, "step": 0, "world": world, "plan": None, "selection": None,
-                             "nonfinite_steps": 0}
+    # epoch: epochs finished; samples: samples of the epoch's global sequence trained on; micro: micro-batches
+    # trained on by each rank; step: optimizer steps (micro // accumulation: checkpoint tags, log.every_steps,
+    # checkpoint.every_steps, TensorBoard's x axis); world: ranks when saved.
+    state: dict[str, Any] = {"epoch": 0, "samples": 0, "micro": 0, "step": 0, "world": world, "plan": None,
+                             "selection": None, "nonfinite_steps": 0}
     if start is not None:
         saved = checkpoint.load(engine, start, universal=universal)
         check_plan(saved.get("plan"), plan, start)
@@ -251,6 +252,8 @@ def train(cfg: Config) -> dict[str, Any]:
         if "samples" not in saved:  # checkpoints of earlier versions: a batch count on the same world size
             state["samples"] = saved.get("batch", 0) * world * cfg.data.batch_size
             state["step"] = saved.get("step", state["epoch"] * batches_per_epoch + saved.get("batch", 0))
+        if "micro" not in saved:  # earlier versions counted micro-batches as steps
+            state["micro"], state["step"] = state["step"], state["step"] // accumulation
         if state["world"] != world:
             epoch_samples = first_epoch.plan.units * cfg.data.batch_size
             done = state["epoch"] * epoch_samples + state["samples"]
@@ -263,7 +266,7 @@ def train(cfg: Config) -> dict[str, Any]:
     selection = Selection.restore(state["selection"], select, cfg.optim.early_stop_patience)
 
     metrics: dict[str, Any] = {}
-    step = state["step"]
+    micro, step = state["micro"], state["step"]
     logged = config_to_dict(cfg)
     logged["data"].update(mean=list(preprocess.mean), std=list(preprocess.std),
                           interpolation=preprocess.interpolation, crop_pct=preprocess.crop_pct)
@@ -291,17 +294,19 @@ def train(cfg: Config) -> dict[str, Any]:
                 engine.backward(loss)
                 engine.step()
                 timer.step_done(n_images, n_views)
-                step += 1
-                state.update(samples=resumed + (i + 1) * plan_of_epoch.samples_per_step, step=step,
+                micro += 1
+                boundary = micro % accumulation == 0  # this micro-batch ended an optimizer step
+                step = micro // accumulation
+                state.update(samples=resumed + (i + 1) * plan_of_epoch.samples_per_step, micro=micro, step=step,
                              nonfinite_steps=guard.skipped_total)
-                if step % cfg.log.every_steps == 0:
+                if boundary and step % cfg.log.every_steps == 0:
                     values = step_scalars(timer.read(), world, loss, parts, engine, target, student_emb)
                     values["train/nonfinite_steps"] = float(guard.skipped_total)
                     monitor.scalars(values, step)
                     last_loss = f"{values['loss/total']:.4f}"
                 monitor.advance({"loss": last_loss})
-                if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and i + 1 < len(loader)
-                        and step % accumulation == 0):
+                if boundary and cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 \
+                        and i + 1 < len(loader):
                     # (the epoch's last step is saved once, at the epoch's end, with the evaluation's state)
                     checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
                                     {**state, "epoch": epoch, "selection": selection.state()}, cfg.checkpoint.keep)
@@ -311,7 +316,7 @@ def train(cfg: Config) -> dict[str, Any]:
             monitor.train_epoch(epoch, step, {"skipped": skipped, "nonfinite_steps": guard.skipped_total})
             if any(skipped.values()):
                 monitor.say(f"epoch {epoch + 1}: skipped unreadable data {skipped}")
-            state.update(epoch=epoch + 1, samples=0, step=step)
+            state.update(epoch=epoch + 1, samples=0, micro=micro, step=step)
             if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.eval.every_epochs == 0:
                 metrics = _evaluate_and_select(cfg, engine, selection, epoch + 1, step, dtype, preprocess, monitor, run_dir)
                 metrics["train_skipped"] = skipped
