@@ -56,12 +56,13 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY docker/check-env.py docker/sshd.sh /opt/rct-dist-docker/
 
 # Dependencies alone first, from pyproject.toml only: this layer survives edits to the code and README.
-# RCT_EXTRAS: optional extras of the package (comma-separated; e.g. "accelerate,onnx"; "" for none).
+# RCT_EXTRAS: optional extras besides `train` (always installed: the trainer and CLI), comma-separated;
+# e.g. "accelerate,onnx"; "" for none.
 ARG RCT_EXTRAS=accelerate
 COPY pyproject.toml /tmp/rct-deps/pyproject.toml
 RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip \
     cd /tmp/rct-deps && touch README.md && mkdir rct_dist && touch rct_dist/__init__.py \
-    && /opt/rct-dist-docker/pip.sh install ".${RCT_EXTRAS:+[$RCT_EXTRAS]}" \
+    && /opt/rct-dist-docker/pip.sh install ".[train${RCT_EXTRAS:+,$RCT_EXTRAS}]" \
     && python -m pip uninstall -y rct-dist \
     && cd / && rm -rf /tmp/rct-deps
 
@@ -70,7 +71,7 @@ RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip 
 # `rct-dist configs`); the launch scripts are copied to /workspace/launch.
 RUN --mount=type=bind,target=/tmp/src,rw \
     --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip \
-    /opt/rct-dist-docker/pip.sh install "/tmp/src${RCT_EXTRAS:+[$RCT_EXTRAS]}" \
+    /opt/rct-dist-docker/pip.sh install "/tmp/src[train${RCT_EXTRAS:+,$RCT_EXTRAS}]" \
     && mkdir -p /workspace \
     && if [[ -d /tmp/src/launch ]]; then cp -r /tmp/src/launch /workspace/launch; fi \
     && python /opt/rct-dist-docker/check-env.py

@@ -352,8 +352,23 @@ def _adopt_local_rank(local_rank: int | None) -> None:
     os.environ["LOCAL_RANK"] = str(local_rank)
 
 
+TRAIN_EXTRA = ("deepspeed", "timm", "torchvision", "webdataset", "yaml", "tensorboard", "PIL", "safetensors", "tqdm")
+
+
+def _require_train_extra(command: str) -> None:
+    """The command line is the trainer's: with the core alone installed, say what to install."""
+    from importlib.util import find_spec
+
+    missing = [name for name in TRAIN_EXTRA if find_spec(name) is None]
+    if missing:
+        print(f"rct-dist {command}: needs the trainer's dependencies, not installed here ({', '.join(missing)}): "
+              "pip install 'rct-dist[train]'", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    _require_train_extra(args.command)
     _adopt_local_rank(args.local_rank)
     from rct_dist.logs import environment_rank, setup_logging
 
