@@ -3,6 +3,8 @@
 Everything is checked at load, before any process group or data loader starts, because a typo found
 after minutes of start-up on many ranks costs far more than a strict loader. Unknown keys are errors
 (with a close match suggested), not ignored, so a misspelt key can never silently keep its default.
+Each key's own rule (> 0, >= 0, one of a list, ...) sits next to its field, as `checked(default,
+rule)`; rules that tie several keys together are in `_validate`.
 
 Built-in configs ship inside the package (`rct_dist/configs/`, package data found with
 importlib.resources): `--config cub/teacher` names one, a path to a YAML file still works, and
@@ -10,8 +12,31 @@ importlib.resources): `--config cub/teacher` names one, a path to a YAML file st
 the working directory or on a source checkout.
 
 A file may say `base: other.yaml` (relative to itself): the base is loaded first, recursively, and the
-file's keys replace its keys one by one, so a run file holds only what differs. `${ENV}` references in
-path keys (data.root, ...) are expanded at load, so one file serves machines with different data mounts.
+file's keys replace its keys one by one (sub-sections such as `loss.rc` key by key too; `key: null`
+unsets a base's key, and a null section or sub-section drops all of the base's), so a run file holds
+only what differs. `${ENV}` references in path keys (data.root, ...) are expanded at load, so one file
+serves machines with different data mounts.
+
+Loss options: `loss.name` picks the loss and `loss.supervised_weight` (> 0) adds Proxy-Anchor on labels
+to a transfer loss; every loss has its own sub-section holding the options of its class (`loss.rc`,
+`loss.rkd`, `loss.pkt`, `loss.darkrank`, `loss.regression`, `loss.proxy_anchor`). Keys that moved
+there (`loss.sigma`, `loss.delta`, `loss.margin`, `loss.alpha`, `optim.proxy_lr_multiplier`: `MOVED`)
+are refused with where they went.
+
+Keys that would have no effect are errors (`ignored_keys` says which, and why):
+- job train-teacher: the whole `teacher` section (it learns from labels) and `loss.supervised_weight`;
+- job transfer: with `teacher.source: model`, `teacher.export`; with `export`, `teacher.backbone`,
+  `embedding_size`, `pretrained` and `pretrained_file` (the export holds the model and its size); with
+  `shards`, every teacher key but `source` (the embeddings are stored in the shards);
+- any job: a loss sub-section other than `loss.<loss.name>`'s, except `loss.proxy_anchor` where
+  Proxy-Anchor runs too (job transfer with `loss.supervised_weight` > 0).
+The rule applies to keys set explicitly to a non-null value in the run's own file (the one given to
+load_config, not the `base:` files under it) or in an override. A base is shared by runs of different
+jobs, losses and teacher sources (cub/base.yaml serves the teacher and the students), so what it sets
+for some of them is not an error in the others; a built-in base is also a loadable config, checked on
+its own. Ignored keys hold their defaults in the loaded Config, and `config_to_dict` (the saved
+`config.yaml`, `rct-dist configs --resolved`, TensorBoard) leaves them out, so a saved config loads
+back to an equal Config.
 """
 
 from __future__ import annotations
@@ -25,7 +50,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -50,51 +75,159 @@ SELECTIONS = ("auto", "last", "val", "test")  # which evaluated model a run expo
 METRICS = ("euclidean", "cosine")  # those of rct_dist.eval.neighbours, kept here so loading needs no torch
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # rct_dist.data.transforms'
 DECODES = ("cpu", "gpu")  # where train images are decoded and augmented
+RC_REDUCTIONS = ("paper", "mean_pairs")  # rct_dist.losses.relaxed_contrastive's REDUCTIONS and KERNELS
+RC_KERNELS = ("auto", "torch", "triton")
+# Keys that moved, and where to: an old config names them and is told.
+MOVED = {
+    "loss.sigma": "loss.rc.sigma",
+    "loss.delta": "loss.rc.delta",
+    "loss.margin": "loss.proxy_anchor.margin",
+    "loss.alpha": "loss.proxy_anchor.alpha",
+    "optim.proxy_lr_multiplier": "loss.proxy_anchor.lr_multiplier",
+}
 
+
+# ----------------------------------------------------------------------------------------- per-key rules
+# A rule takes the (type-checked) value and returns what is wrong with it ("must be > 0, got -1"), or None;
+# the error reads "<section.key> <that>".
+
+Rule = Callable[[Any], "str | None"]
+
+
+def checked(default: Any = dataclasses.MISSING, *rules: Rule, factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field whose value must pass `rules` at load (`factory`: a default_factory instead)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rules": rules})
+    return field(default=default, metadata={"rules": rules})
+
+
+def positive(value: Any) -> str | None:
+    """> 0 (null passes, for optional keys)."""
+    return None if value is None or value > 0 else f"must be > 0, got {value!r}"
+
+
+def non_negative(value: Any) -> str | None:
+    """>= 0 (null passes, for optional keys)."""
+    return None if value is None or value >= 0 else f"must be >= 0, got {value!r}"
+
+
+def one_of(*choices: str, nullable: bool = False) -> Rule:
+    """One of `choices` (or null, if `nullable`), the closest suggested."""
+    def rule(value: Any) -> str | None:
+        if value in choices or (nullable and value is None):
+            return None
+        return (f"must be {'null or ' if nullable else ''}one of {', '.join(choices)}, got {value!r}"
+                f"{_close(value, choices) if isinstance(value, str) else ''}")
+
+    rule.choices = choices  # type: ignore[attr-defined]
+    return rule
+
+
+def probability(value: float) -> str | None:
+    return None if 0 <= value <= 1 else f"must be a probability in [0, 1], got {value!r}"
+
+
+def fraction(value: float) -> str | None:
+    """In (0, 1]."""
+    return None if 0 < value <= 1 else f"must be in (0, 1], got {value!r}"
+
+
+def nullable_fraction(value: float | None) -> str | None:
+    return None if value is None or 0 < value <= 1 else f"must be null or in (0, 1], got {value!r}"
+
+
+def split_name(value: str | None) -> str | None:
+    return None if value is None or value.strip() else "must name a split folder under data.root, got ''"
+
+
+def val_split_name(value: str | None) -> str | None:
+    problem = split_name(value)
+    return problem and problem + " (null: no validation split)"
+
+
+def run_name(value: str) -> str | None:
+    # the run folder is run.out_dir/run.name, which run.overwrite deletes: never out_dir itself or above it
+    if not value.strip() or Path(value).is_absolute() or {".", ".."} & set(value.split("/")):
+        return f"must name a folder inside run.out_dir (no '', '.', '..' or absolute path), got {value!r}"
+    return None
+
+
+def resume_value(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        return ("must be null (start anew), auto (the run's newest complete checkpoint) or a checkpoint folder, "
+                "got ''")
+    return None
+
+
+def batch_shape(value: list[int] | None) -> str | None:
+    return None if value is None or (len(value) == 2 and min(value) > 0) else \
+        f"must be two positive ints [P, K], got {value!r}"
+
+
+def area_range(value: list[float]) -> str | None:
+    low, high = (value + [0.0, 0.0])[:2]
+    return None if len(value) == 2 and 0 < low <= high <= 1 else \
+        f"must be [low, high] with 0 < low <= high <= 1, got {value!r}"
+
+
+def channels(positive_values: bool) -> Rule:
+    def rule(value: list[float] | None) -> str | None:
+        if value is None or (len(value) == 3 and (not positive_values or min(value) > 0)):
+            return None
+        return f"must be null or 3 per-channel values{' > 0' if positive_values else ''}, got {value!r}"
+
+    return rule
+
+
+def recall_ks(value: list[int]) -> str | None:
+    return None if value and min(value) > 0 else f"must be a non-empty list of positive ints, got {value!r}"
+
+
+# -------------------------------------------------------------------------------------------------- sections
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = checked("run", run_name)
     out_dir: str = "runs"
-    seed: int = 0
-    resume: str | None = None  # "auto" (latest checkpoint of this run) or a checkpoint folder
+    seed: int = checked(0, non_negative)
+    resume: str | None = checked(None, resume_value)  # "auto" (latest checkpoint of this run) or a checkpoint folder
     overwrite: bool = False
 
 
 @dataclass
 class DataConfig:
     root: str = ""  # shards folder holding <split>/index.json; ${ENV} references are expanded at load
-    train_split: str = "train"
-    eval_split: str = "test"
-    val_split: str | None = None  # a split of held-out training classes (make-shards --val-classes): model selection
-    image_size: int = 224
-    views: int = 2
-    pk: list[int] | None = None  # [P, K]: class-balanced batches of P classes x K images
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range (train)
-    hflip: float = 0.5  # horizontal flip probability (train)
-    batch_size: int = 180  # images per rank per micro-step, views not counted
-    workers: int = 4
-    shuffle_buffer: int = 2000
+    train_split: str = checked("train", split_name)
+    eval_split: str = checked("test", split_name)
+    val_split: str | None = checked(None, val_split_name)  # held-out training classes (make-shards --val-classes): model selection
+    image_size: int = checked(224, positive)
+    views: int = checked(2, positive)
+    pk: list[int] | None = checked(None, batch_shape)  # [P, K]: class-balanced batches of P classes x K images
+    crop_scale: list[float] = checked(None, area_range, factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range (train)
+    hflip: float = checked(0.5, probability)  # horizontal flip probability (train)
+    batch_size: int = checked(180, positive)  # images per rank per micro-step, views not counted
+    workers: int = checked(4, non_negative)
+    shuffle_buffer: int = checked(2000, non_negative)
     resampled: bool = False
-    samples_per_epoch: int | None = None
+    samples_per_epoch: int | None = checked(None, positive)
     # Preprocessing; None takes the value from the student backbone's timm pretrained config.
-    mean: list[float] | None = None  # per-channel RGB normalisation mean
-    std: list[float] | None = None  # per-channel RGB normalisation std
-    interpolation: str | None = None  # resize interpolation: bilinear, bicubic, nearest, lanczos, box, hamming
-    crop_pct: float | None = None  # eval centre crop fraction, 0 < crop_pct <= 1
+    mean: list[float] | None = checked(None, channels(False))  # per-channel RGB normalisation mean
+    std: list[float] | None = checked(None, channels(True))  # per-channel RGB normalisation std
+    interpolation: str | None = checked(None, one_of(*INTERPOLATIONS, nullable=True))  # resize interpolation
+    crop_pct: float | None = checked(None, nullable_fraction)  # eval centre crop fraction, 0 < crop_pct <= 1
     # Train input pipeline speed (eval always decodes and normalises on the CPU).
-    decode: str = "cpu"  # "gpu": JPEG decode, crop, flip and normalise on the GPU (CUDA only)
+    decode: str = checked("cpu", one_of(*DECODES))  # "gpu": JPEG decode, crop, flip and normalise on the GPU (CUDA only)
     uint8_batches: bool = False  # keep crops uint8 through collation; normalise on the training device
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"
-    embedding_size: int = 128
+    embedding_size: int = checked(128, positive)
     pretrained: bool = False
     pretrained_file: str | None = None
     normalize: bool = False
-    feature_blocks: int | None = None  # torchvision backbones: keep the first N blocks of `features` (smaller nets)
+    feature_blocks: int | None = checked(None, positive)  # torchvision backbones: keep the first N blocks of `features`
     freeze_bn: bool = False  # backbone BatchNorm in eval mode with fixed affine weights, as Proxy-Anchor trains
     channels_last: bool | None = None  # channels_last memory format for student and teacher; null: on for CUDA
     compile: bool = False  # torch.compile the student (in place: names, checkpoints and exports unchanged)
@@ -102,69 +235,119 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    source: str = "model"  # "model" | "export" | "shards"
-    backbone: str = "resnet50"
-    embedding_size: int = 512
-    pretrained: bool = False
-    pretrained_file: str | None = None
+    source: str = checked("model", one_of(*TEACHER_SOURCES))  # "model" | "export" | "shards"
+    backbone: str = "resnet50"  # source model
+    embedding_size: int = checked(512, positive)  # source model
+    pretrained: bool = False  # source model
+    pretrained_file: str | None = None  # source model
     export: str | None = None  # an rct-dist export folder, for source "export"
-    dtype: str = "fp32"
+    dtype: str = checked("fp32", one_of(*TEACHER_DTYPES))  # sources model and export
+
+
+# Each loss's options: the arguments of its class that a run may choose (rct_dist/train/build.py passes them).
+
+@dataclass
+class RCOptions:
+    """RelaxedContrastiveLoss."""
+    sigma: float = checked(1.0, positive)  # bandwidth of the relaxed labels exp(-|t_i - t_j|^2 / sigma)
+    delta: float = checked(1.0, positive)  # margin of the push term, in units of the row-mean distance
+    normalize_student: bool = False  # L2-normalise the student first (the paper does not)
+    reduction: str = checked("paper", one_of(*RC_REDUCTIONS))  # pair sum / n ("paper"), or / n(n-1)
+    chunk_size: int | None = checked(None, non_negative)  # tile edge; null: tile large batches; 0: never tile
+    kernel: str = checked("auto", one_of(*RC_KERNELS))  # tiles by "torch" ops or fused "triton" kernels
+
+
+@dataclass
+class RKDOptions:
+    """RKDLoss: distance_weight x RKD-D + angle_weight x RKD-A (a 0 weight skips that part)."""
+    distance_weight: float = checked(1.0, non_negative)
+    angle_weight: float = checked(2.0, non_negative)
+    angle_chunk_elements: int = checked(2**22, positive)  # memory bound of RKD-A's chunks (elements)
+
+
+@dataclass
+class PKTOptions:
+    """PKTLoss."""
+    eps: float = checked(1e-7, positive)
+
+
+@dataclass
+class DarkRankOptions:
+    """DarkRankLoss: scores -alpha * d^beta, the teacher's top permute_len ranked."""
+    alpha: float = checked(3.0, positive)
+    beta: float = checked(3.0, positive)
+    permute_len: int = checked(4, positive)
+
+
+@dataclass
+class RegressionOptions:
+    """EmbeddingRegressionLoss."""
+    normalize_teacher: bool = True  # regress onto the L2-normalised teacher embedding
+
+
+@dataclass
+class ProxyAnchorOptions:
+    """ProxyAnchorLoss (job train-teacher, or loss.supervised_weight > 0), and its proxies' learning rate."""
+    margin: float = checked(0.1, non_negative)
+    alpha: float = checked(32.0, positive)
+    lr_multiplier: float = checked(100.0, positive)  # the proxies' learning rate is lr_multiplier x optim.lr
 
 
 @dataclass
 class LossConfig:
-    name: str = "rc"
-    sigma: float = 1.0
-    delta: float = 1.0
-    margin: float = 0.1
-    alpha: float = 32.0
-    supervised_weight: float = 0.0  # > 0 adds Proxy-Anchor on labels to a transfer loss
+    name: str = checked("rc", one_of(*LOSSES))
+    supervised_weight: float = checked(0.0, non_negative)  # > 0 adds Proxy-Anchor on labels to a transfer loss
+    rc: RCOptions = field(default_factory=RCOptions)
+    rkd: RKDOptions = field(default_factory=RKDOptions)
+    pkt: PKTOptions = field(default_factory=PKTOptions)
+    darkrank: DarkRankOptions = field(default_factory=DarkRankOptions)
+    regression: RegressionOptions = field(default_factory=RegressionOptions)
+    proxy_anchor: ProxyAnchorOptions = field(default_factory=ProxyAnchorOptions)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    warmup_steps: int = 0  # optimizer steps of linear warm-up (cosine schedule)
-    epochs: int = 40  # 0: no training; the initial model is evaluated and exported
-    schedule: str = "cosine"  # "cosine" (per step, after warmup_steps) or "step" (x decay_gamma every decay_epochs)
-    decay_epochs: int = 10
-    decay_gamma: float = 0.5
-    warmup_epochs_new_layers: int = 0  # first N epochs train only the new layers (embedding head, proxies)
-    early_stop_patience: int = 0  # stop after N evaluations without a better validation R@1; 0: never
-    grad_clip: float = 0.0
-    proxy_lr_multiplier: float = 100.0
+    lr: float = checked(1e-4, positive)
+    weight_decay: float = checked(1e-4, non_negative)
+    warmup_steps: int = checked(0, non_negative)  # optimizer steps of linear warm-up (cosine schedule)
+    epochs: int = checked(40, non_negative)  # 0: no training; the initial model is evaluated and exported
+    schedule: str = checked("cosine", one_of(*SCHEDULES))  # "cosine" (per step, after warmup_steps) or "step"
+    decay_epochs: int = checked(10, positive)  # "step": x decay_gamma every decay_epochs
+    decay_gamma: float = checked(0.5, fraction)
+    warmup_epochs_new_layers: int = checked(0, non_negative)  # first N epochs train only the new layers (head, proxies)
+    early_stop_patience: int = checked(0, non_negative)  # stop after N evaluations without a better validation R@1; 0: never
+    grad_clip: float = checked(0.0, non_negative)
     skip_nonfinite: bool = True  # a NaN/Inf loss or gradient on any rank skips the optimizer step on all ranks
-    max_nonfinite_steps: int = 5  # more skipped steps than this in a row stop the job (0: the first one does)
+    max_nonfinite_steps: int = checked(5, non_negative)  # more skipped steps than this in a row stop the job (0: the first one does)
 
 
 @dataclass
 class DeepSpeedConfig:
     config: str = "zero2_bf16"  # a built-in name (rct-dist configs), or a path to a ds_config JSON
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = checked(1, positive)
 
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 1  # the last epoch is always evaluated
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    metric: str = "euclidean"
-    batch_size: int = 256
-    select: str = "auto"  # the model a run exports and reports: auto (val if data.val_split, else last), last, val, test
+    every_epochs: int = checked(1, positive)  # the last epoch is always evaluated
+    ks: list[int] = checked(None, recall_ks, factory=lambda: [1, 2, 4, 8])
+    metric: str = checked("euclidean", one_of(*METRICS))
+    batch_size: int = checked(256, positive)
+    select: str = checked("auto", one_of(*SELECTIONS))  # the model a run exports and reports: auto (val if data.val_split, else last), last, val, test
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = 10
+    every_steps: int = checked(10, positive)
     tensorboard: bool = True
-    retrieval_images: int = 8
-    projector_samples: int = 1000  # eval embeddings (with thumbnails) in TensorBoard's projector; 0: none
+    retrieval_images: int = checked(8, non_negative)
+    projector_samples: int = checked(1000, non_negative)  # eval embeddings (with thumbnails) in TensorBoard's projector; 0: none
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0: only at epoch ends
-    keep: int = 3
+    every_steps: int = checked(0, non_negative)  # 0: only at epoch ends
+    keep: int = checked(3, positive)
 
 
 @dataclass
@@ -185,7 +368,31 @@ class Config:
 SECTIONS: dict[str, type] = {
     name: tp for name, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp)
 }
-_FIELD_TYPES: dict[str, dict[str, Any]] = {name: typing.get_type_hints(tp) for name, tp in SECTIONS.items()}
+# The field types of every section and sub-section, by dotted name ("optim", "loss.rc").
+_FIELD_TYPES: dict[str, dict[str, Any]] = {}
+
+
+def _collect_types(prefix: str, tp: type) -> None:
+    _FIELD_TYPES[prefix] = typing.get_type_hints(tp)
+    for key, inner in _FIELD_TYPES[prefix].items():
+        if dataclasses.is_dataclass(inner):
+            _collect_types(f"{prefix}.{key}", inner)
+
+
+for _name, _tp in SECTIONS.items():
+    _collect_types(_name, _tp)
+del _name, _tp
+
+
+def config_keys() -> list[str]:
+    """Every leaf key as an override writes it (`job`, `optim.lr`, `loss.rc.sigma`), in schema order."""
+    def leaves(prefix: str) -> list[str]:
+        return [key for name, tp in _FIELD_TYPES[prefix].items()
+                for key in (leaves(f"{prefix}.{name}") if dataclasses.is_dataclass(tp) else [f"{prefix}.{name}"])]
+
+    return ["job"] + [key for section in SECTIONS for key in leaves(section)]
+
+
 # A number PyYAML 1.1 leaves as a string: it only reads 1e-4 as a float when written 1.0e-4.
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -194,25 +401,6 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PATH_KEYS = (
     ("run", "out_dir"), ("run", "resume"), ("data", "root"), ("model", "pretrained_file"),
     ("teacher", "pretrained_file"), ("teacher", "export"), ("deepspeed", "config"),
-)
-_POSITIVE = (
-    ("data", "image_size"), ("data", "views"), ("data", "batch_size"),
-    ("data", "samples_per_epoch"), ("model", "embedding_size"), ("teacher", "embedding_size"), ("model", "feature_blocks"),
-    ("optim", "decay_epochs"), ("optim", "decay_gamma"),
-    ("loss", "sigma"), ("loss", "delta"), ("loss", "alpha"), ("optim", "lr"),
-    ("optim", "proxy_lr_multiplier"), ("deepspeed", "gradient_accumulation_steps"),
-    ("eval", "every_epochs"), ("eval", "batch_size"), ("log", "every_steps"), ("checkpoint", "keep"),
-)
-_NON_NEGATIVE = (
-    ("run", "seed"), ("data", "workers"), ("data", "shuffle_buffer"), ("loss", "margin"),
-    ("loss", "supervised_weight"), ("optim", "weight_decay"), ("optim", "warmup_steps"),
-    ("optim", "grad_clip"), ("optim", "epochs"), ("optim", "warmup_epochs_new_layers"),
-    ("optim", "early_stop_patience"), ("optim", "max_nonfinite_steps"), ("log", "retrieval_images"), ("log", "projector_samples"), ("checkpoint", "every_steps"),
-)
-_CHOICES = (
-    (("teacher", "source"), TEACHER_SOURCES), (("teacher", "dtype"), TEACHER_DTYPES),
-    (("loss", "name"), LOSSES), (("eval", "metric"), METRICS), (("data", "decode"), DECODES),
-    (("optim", "schedule"), SCHEDULES), (("eval", "select"), SELECTIONS),
 )
 
 
@@ -331,101 +519,140 @@ def package_file(key: str, value: str) -> str:
     return str(path)
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """A validated Config from nested plain data (what a YAML file holds, `base:` already applied)."""
+def _section(prefix: str, cls: type, raw: Any, present: set[str]) -> Any:
+    """The `cls` instance of section (or sub-section) `prefix` from its plain mapping, every value type-checked
+    and every key's rule applied; adds the dotted keys given a non-null value to `present`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section {prefix!r} must be a mapping of keys (indented `key: value` lines), got "
+                          f"{_shown(raw)}")
+    fields = _FIELD_TYPES[prefix]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}"
+        if dotted in MOVED:
+            raise ConfigError(f"{dotted} moved to {MOVED[dotted]} (each loss's options are in its own section, "
+                              "loss.<name>)")
+        if key not in fields:
+            raise _unknown("key", dotted, [f"{prefix}.{k}" for k in fields])
+        tp = fields[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _section(dotted, tp, value, present)
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp)
+        except TypeError:
+            raise ConfigError(
+                f"{dotted}: expected {_type_name(tp)}{_range_note(value)}, got {_shown(value)} ({type(value).__name__})"
+            ) from None
+        if (prefix, key) in _PATH_KEYS and kwargs[key] is not None:
+            kwargs[key] = package_file(dotted, _expand_env(dotted, kwargs[key]))
+        if kwargs[key] is not None:
+            present.add(dotted)
+    section = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        for rule in f.metadata.get("rules", ()):
+            problem = rule(getattr(section, f.name))
+            if problem:
+                raise ConfigError(f"{prefix}.{f.name} {problem}")
+    return section
+
+
+def config_from_dict(raw: dict[str, Any], explicit: typing.Collection[str] | None = None) -> Config:
+    """A validated Config from nested plain data (what a YAML file holds, `base:` already applied).
+
+    `explicit`: the dotted keys (or sections, `loss.rc`) the run itself set, for the ignored-keys rule (module
+    docstring); None takes every key `raw` sets (plain data has no base files)."""
     top = {"job": str, **SECTIONS}
     values: dict[str, Any] = {}
+    present: set[str] = set()
     for name, section in raw.items():
         if name not in top:
             raise _unknown("section", str(name), list(top))
         if name == "job":
             continue
-        if section is None:
-            section = {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"section {name!r} must be a mapping of keys (indented `key: value` lines), got "
-                              f"{_shown(section)}")
-        fields = _FIELD_TYPES[name]
-        kwargs = {}
-        for key, value in section.items():
-            if key not in fields:
-                raise _unknown("key", f"{name}.{key}", [f"{name}.{k}" for k in fields])
-            try:
-                kwargs[key] = _coerce(value, fields[key])
-            except TypeError:
-                raise ConfigError(
-                    f"{name}.{key}: expected {_type_name(fields[key])}{_range_note(value)}, got "
-                    f"{_shown(value)} ({type(value).__name__})"
-                ) from None
-            if (name, key) in _PATH_KEYS and kwargs[key] is not None:
-                kwargs[key] = package_file(f"{name}.{key}", _expand_env(f"{name}.{key}", kwargs[key]))
-        values[name] = SECTIONS[name](**kwargs)
+        values[name] = _section(name, SECTIONS[name], section, present)
     job = raw.get("job", Config.job)
     if not isinstance(job, str):
         raise ConfigError(f"job: expected str, got {_shown(job)} ({type(job).__name__})")
     config = Config(job=job, **values)
     _validate(config)
+    given = present if explicit is None else {
+        key for key in present if any(key == e or key.startswith(f"{e}.") for e in explicit)}
+    _refuse_ignored(config, given)
+    _default_ignored(config)
     return config
 
 
-def _validate(config: Config) -> None:
-    """Ranges, choices and the cross-field rules the trainer and loader would otherwise fail on later."""
-    def get(section: str, key: str) -> Any:
-        return getattr(getattr(config, section), key)
+def ignored_keys(config: Config) -> list[tuple[str, str]]:
+    """(key or section, why) for what has no effect on a run of `config`: the module docstring's rule."""
+    ignored: list[tuple[str, str]] = []
+    if config.job == "train-teacher":
+        ignored += [("teacher", "with job train-teacher (it learns from labels, without a teacher)"),
+                    ("loss.supervised_weight", "with job train-teacher (Proxy-Anchor is its only loss)")]
+    else:
+        source = config.teacher.source
+        model_keys = [f"teacher.{k}" for k in ("backbone", "embedding_size", "pretrained", "pretrained_file")]
+        if source == "model":
+            ignored.append(("teacher.export", "with teacher.source model (the teacher is teacher.backbone)"))
+        elif source == "export":
+            ignored += [(key, "with teacher.source export (the model and its size come from teacher.export)")
+                        for key in model_keys]
+        else:
+            ignored += [(key, "with teacher.source shards (the teacher's embeddings are stored in the shards)")
+                        for key in (*model_keys, "teacher.export", "teacher.dtype")]
+    supervised = config.job == "train-teacher" or config.loss.supervised_weight > 0
+    for name in LOSSES:
+        if name == config.loss.name or (name == "proxy_anchor" and supervised):
+            continue
+        why = (f"with loss.name {config.loss.name}" if name != "proxy_anchor" else
+               "with job transfer and loss.supervised_weight 0 (Proxy-Anchor does not run)")
+        ignored.append((f"loss.{name}", why))
+    return ignored
 
-    for name, value, choices in [("job", config.job, JOBS)] + [
-        (f"{section}.{key}", get(section, key), choices) for (section, key), choices in _CHOICES
-    ]:
-        if value not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}{_close(value, choices)}")
-    for section, key in _POSITIVE:
-        if get(section, key) is not None and get(section, key) <= 0:
-            raise ConfigError(f"{section}.{key} must be > 0, got {get(section, key)!r}")
-    for section, key in _NON_NEGATIVE:
-        if get(section, key) < 0:
-            raise ConfigError(f"{section}.{key} must be >= 0, got {get(section, key)!r}")
-    name = Path(config.run.name)
-    if not config.run.name.strip() or name.is_absolute() or {".", ".."} & set(config.run.name.split("/")):
-        # the run folder is run.out_dir/run.name, which run.overwrite deletes: never out_dir itself or above it
-        raise ConfigError(f"run.name must name a folder inside run.out_dir (no '', '.', '..' or absolute path), "
-                         f"got {config.run.name!r}")
-    if config.run.resume is not None and not config.run.resume.strip():
-        raise ConfigError("run.resume must be null (start anew), auto (the run's newest complete checkpoint) or a "
-                         "checkpoint folder, got ''")
-    for key in ("train_split", "eval_split", "val_split"):
-        value = get("data", key)
-        if value is not None and not value.strip():
-            raise ConfigError(f"data.{key} must name a split folder under data.root, got ''"
-                             + (" (null: no validation split)" if key == "val_split" else ""))
-    if not config.eval.ks or min(config.eval.ks) <= 0:
-        raise ConfigError(f"eval.ks must be a non-empty list of positive ints, got {config.eval.ks!r}")
-    low, high = (config.data.crop_scale + [0.0, 0.0])[:2]
-    if len(config.data.crop_scale) != 2 or not 0 < low <= high <= 1:
-        raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {config.data.crop_scale!r}")
-    if not 0 <= config.data.hflip <= 1:
-        raise ConfigError(f"data.hflip must be a probability in [0, 1], got {config.data.hflip!r}")
-    for key in ("mean", "std"):
-        value = get("data", key)
-        if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
-            raise ConfigError(f"data.{key} must be null or 3 per-channel values{' > 0' if key == 'std' else ''}, "
-                             f"got {value!r}")
-    interpolation = config.data.interpolation
-    if interpolation is not None and interpolation not in INTERPOLATIONS:
-        raise ConfigError(f"data.interpolation must be null or one of {', '.join(INTERPOLATIONS)}, "
-                         f"got {interpolation!r}{_close(interpolation, INTERPOLATIONS)}")
+
+def _refuse_ignored(config: Config, given: set[str]) -> None:
+    """A one-line error for the first reason some `given` keys have no effect (all its keys named)."""
+    order = config_keys()
+    by_reason: dict[str, list[str]] = {}
+    for prefix, why in ignored_keys(config):
+        by_reason.setdefault(why, []).extend(
+            sorted((k for k in given if k == prefix or k.startswith(f"{prefix}.")), key=order.index))
+    for why, keys in by_reason.items():
+        if keys:
+            verb, it = ("has", "it") if len(keys) == 1 else ("have", "them")
+            raise ConfigError(f"{', '.join(keys)} {verb} no effect {why}: remove {it}")
+
+
+def _default_ignored(config: Config) -> None:
+    """Ignored keys back to their defaults, so two configs of the same run compare equal."""
+    for prefix, _ in ignored_keys(config):
+        section, _, key = prefix.partition(".")
+        if not key:
+            setattr(config, section, type(getattr(config, section))())
+            continue
+        holder = getattr(config, section)
+        *path, leaf = key.split(".")
+        for part in path:
+            holder = getattr(holder, part)
+        default = next(f for f in dataclasses.fields(holder) if f.name == leaf)
+        setattr(holder, leaf, default.default_factory() if default.default_factory is not dataclasses.MISSING
+                else default.default)
+
+
+def _validate(config: Config) -> None:
+    """The rules that tie keys together, which the trainer and loader would otherwise fail on later."""
+    if config.job not in JOBS:
+        raise ConfigError(f"job must be one of {', '.join(JOBS)}, got {config.job!r}{_close(config.job, JOBS)}")
     if config.data.decode == "gpu" and config.data.uint8_batches:
         raise ConfigError("data.uint8_batches is for data.decode cpu: with data.decode gpu the loader sends "
                          "encoded bytes and the GPU does all the rest")
-    if config.data.crop_pct is not None and not 0 < config.data.crop_pct <= 1:
-        raise ConfigError(f"data.crop_pct must be null or in (0, 1], got {config.data.crop_pct!r}")
     pk = config.data.pk
-    if pk is not None:
-        if len(pk) != 2 or min(pk) <= 0:
-            raise ConfigError(f"data.pk must be two positive ints [P, K], got {pk!r}")
-        if pk[0] * pk[1] != config.data.batch_size:
-            raise ConfigError(
-                f"data.pk={pk} makes batches of {pk[0] * pk[1]} images, not data.batch_size={config.data.batch_size}"
-            )
+    if pk is not None and pk[0] * pk[1] != config.data.batch_size:
+        raise ConfigError(
+            f"data.pk={pk} makes batches of {pk[0] * pk[1]} images, not data.batch_size={config.data.batch_size}"
+        )
     if config.data.val_split is not None and config.data.val_split in (config.data.train_split, config.data.eval_split):
         raise ConfigError(f"data.val_split {config.data.val_split!r} must differ from data.train_split and "
                          "data.eval_split: validation classes are held out of both")
@@ -434,24 +661,40 @@ def _validate(config: Config) -> None:
     if config.optim.early_stop_patience and config.data.val_split is None:
         raise ConfigError("optim.early_stop_patience needs data.val_split: stopping on test-class recall would "
                          "select on the test set")
-    if config.optim.decay_gamma > 1:
-        raise ConfigError(f"optim.decay_gamma must be in (0, 1], got {config.optim.decay_gamma!r}")
     resolve_deepspeed_config(config.deepspeed.config)  # a missing or misspelt ds_config fails at load
-    if config.job == "train-teacher" and config.loss.name != "proxy_anchor":
+    loss = config.loss
+    if config.job == "train-teacher" and loss.name != "proxy_anchor":
         raise ConfigError(
-            f"job train-teacher learns from labels: loss.name must be proxy_anchor, got {config.loss.name!r}"
+            f"job train-teacher learns from labels: loss.name must be proxy_anchor, got {loss.name!r}"
         )
     if config.job == "transfer":
-        if config.loss.name == "proxy_anchor":
+        if loss.name == "proxy_anchor":
             raise ConfigError(f"job transfer needs a transfer loss: loss.name must be one of "
-                             f"{', '.join(TRANSFER_LOSSES)}, got {config.loss.name!r}; for labels use job "
+                             f"{', '.join(TRANSFER_LOSSES)}, got {loss.name!r}; for labels use job "
                              "train-teacher, or loss.supervised_weight > 0 to add Proxy-Anchor")
         if config.teacher.source == "export" and not config.teacher.export:
             raise ConfigError("teacher.source is export but teacher.export (an rct-dist export folder) is not set")
+    if loss.name == "rc" and loss.rc.kernel == "triton" and loss.rc.chunk_size == 0:
+        raise ConfigError("loss.rc.chunk_size 0 asks for the untiled torch loss, which loss.rc.kernel triton never "
+                          "runs: use loss.rc.chunk_size null with kernel triton, or kernel torch")
+    if loss.name == "rkd" and loss.rkd.distance_weight == 0 and loss.rkd.angle_weight == 0:
+        raise ConfigError("loss.rkd.distance_weight and loss.rkd.angle_weight are both 0: nothing to learn from")
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    """A config file's mapping with its `base:` chain applied underneath it, section by section."""
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`child`'s keys over `base`'s, mappings (sections, sub-sections) key by key; a new dict."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...], own: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A config file's mapping with its `base:` chain applied underneath it, key by key; `own` (if given)
+    receives the file's own mapping, without its bases."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"config base cycle: {' -> '.join(str(p) for p in (*chain, path))}")
@@ -467,6 +710,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must hold a mapping of sections, got {type(raw).__name__}")
     base = raw.pop("base", None)
+    if own is not None:
+        own.update(raw)
     if base is None:
         return raw
     if not isinstance(base, str):
@@ -474,29 +719,31 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     target = path.parent / base
     if not target.is_file():
         raise ConfigError(f"config {path}: base {base!r} ({target}) is not a file")
-    merged = _read_yaml(target, (*chain, path))
-    for name, section in raw.items():
-        if isinstance(section, dict) and isinstance(merged.get(name), dict):
-            merged[name] = {**merged[name], **section}
-        else:
-            merged[name] = section
-    return merged
+    return _merge(_read_yaml(target, (*chain, path)), raw)
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    """`section.key=value` (or `job=value`), the value read as YAML, so `data.pk=[45,2]` is a list.
+def _has_subsections(section: str) -> bool:
+    return any(prefix.startswith(f"{section}.") for prefix in _FIELD_TYPES)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> str:
+    """`section.key=value`, `section.subsection.key=value` (`loss.rc.sigma=0.5`) or `job=value`, the value
+    read as YAML, so `data.pk=[45,2]` is a list; returns the dotted key.
 
     A str key keeps the text as written where YAML would read something else (`run.name=007`)."""
     dotted, sep, text = override.partition("=")
-    parts = dotted.strip().split(".")
-    if not sep or not all(parts) or len(parts) > 2 or (len(parts) == 1 and parts[0] != "job"):
+    dotted = dotted.strip()
+    parts = dotted.split(".")
+    if (not sep or not all(parts) or len(parts) > 3 or (len(parts) == 1 and parts[0] != "job")
+            or (len(parts) == 3 and not _has_subsections(parts[0]))):
         hint = " (no '=': give a value)" if not sep else ""
-        raise ConfigError(f"override {override!r} must look like section.key=value (or job=value){hint}")
+        raise ConfigError(f"override {override!r} must look like section.key=value, section.subsection.key=value "
+                          f"(loss.rc.sigma=0.5) or job=value{hint}")
     if len(parts) == 1:
         raw["job"] = text.strip()
-        return
-    section, key = parts
-    tp = _FIELD_TYPES.get(section, {}).get(key)
+        return dotted
+    *path, key = parts
+    tp = _FIELD_TYPES.get(".".join(path), {}).get(key)
     accepts = typing.get_args(tp) or (tp,)
     try:
         value = yaml.safe_load(text)
@@ -506,10 +753,15 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         value = text.strip()  # a str key keeps its text, whatever YAML makes of it
     if str in accepts and not isinstance(value, str) and not (value is None and type(None) in accepts):
         value = text.strip()
-    if raw.get(section) is None:
-        raw[section] = {}
-    if isinstance(raw[section], dict):  # anything else is rejected, with its section named, by config_from_dict
-        raw[section][key] = value
+    holder = raw
+    for part in path:
+        if holder.get(part) is None:
+            holder[part] = {}
+        if not isinstance(holder[part], dict):  # rejected, with its section named, by config_from_dict
+            return dotted
+        holder = holder[part]
+    holder[key] = value
+    return dotted
 
 
 def builtin_folder() -> Path:
@@ -591,15 +843,26 @@ def resolve_deepspeed_config(name_or_path: str | os.PathLike) -> Path:
 def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> Config:
     """The validated Config of a YAML file or built-in config name (or the defaults if `path` is None)
     with overrides applied."""
-    raw = _read_yaml(resolve_config_path(path), ()) if path is not None else {}
+    own: dict[str, Any] = {}
+    raw = _read_yaml(resolve_config_path(path), (), own) if path is not None else {}
+    # What this run sets itself (its own file's keys and its overrides), for the ignored-keys rule.
+    explicit = {f"{name}.{key}" for name, section in own.items() if isinstance(section, dict) for key in section}
     for override in overrides:
-        _apply_override(raw, override)
-    return config_from_dict(raw)
+        explicit.add(_apply_override(raw, override))
+    return config_from_dict(raw, explicit)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
-    """Plain nested data (for YAML, JSON, TensorBoard hparams); config_from_dict inverts it."""
-    return dataclasses.asdict(config)
+    """Plain nested data (for YAML, JSON, TensorBoard hparams) of the keys that take effect: those
+    `ignored_keys` names are left out. config_from_dict inverts it."""
+    data = dataclasses.asdict(config)
+    for prefix, _ in ignored_keys(config):
+        *path, leaf = prefix.split(".")
+        holder = data
+        for part in path:
+            holder = holder[part]
+        holder.pop(leaf, None)
+    return data
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

@@ -19,12 +19,14 @@ set by the study. The keys:
     settings:                      # name -> teacher (needed by transfer methods and the teacher reference),
       small: {teacher: cnn4, student: ["model.backbone=rct_cnn3_small"], description: "text"}
     methods: [labels, rc, rkd]     # from METHODS: labels, rc, rkd, pkt, darkrank, regression
-    methods_overrides: {rc: ["loss.sigma=0.5"]}
+    methods_overrides: {rc: ["loss.rc.sigma=0.5"]}
     references: [teacher, raw]     # rows per setting: the teacher's own test metrics; the student backbone's raw
                                    # pooled features (no head, no training)
 
 `config` is relative to the study file (as a run config's `base:` is to its file); `out_dir`, `shards.root`
-and paths in overrides are relative to the working directory, as in run configs.
+and paths in overrides are relative to the working directory, as in run configs. A run refuses keys that have
+no effect on it (rct_dist/config.py), and `base` reaches every run, teachers included: a loss's options
+(`loss.rc.sigma=0.5`) go in `methods_overrides`.
 
 Teacher, setting and method names are letters, digits and `_`, so run names (`<setting>-<method>-s<seed>`,
 `teacher-<name>`, `raw-<setting>`) never collide. The study sets job, loss.name, teacher.source/export
@@ -40,7 +42,6 @@ cell file of the study's whole grid, so a killed or filtered study still leaves 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import hashlib
 import json
@@ -55,7 +56,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from rct_dist.atomic import atomic_write
-from rct_dist.config import SECTIONS, ConfigError, load_config, resolve_config_path, resolve_study_path
+from rct_dist.config import MOVED, ConfigError, config_keys, load_config, resolve_config_path, resolve_study_path
 from rct_dist.svg_plot import Bar, Line, grouped_bars
 
 TRANSFER_METHODS = ("rc", "rkd", "pkt", "darkrank", "regression")
@@ -163,7 +164,7 @@ def _str_list(where: str, value: Any) -> list:
 
 
 def _override_keys() -> list[str]:
-    return ["job"] + [f"{section}.{f.name}" for section, tp in SECTIONS.items() for f in dataclasses.fields(tp)]
+    return config_keys()
 
 
 def _overrides(where: str, value: Any, method_list: bool = False) -> tuple[str, ...]:
@@ -178,6 +179,8 @@ def _overrides(where: str, value: Any, method_list: bool = False) -> tuple[str, 
         dotted = dotted.strip()
         if not sep:
             raise ConfigError(f"{here}: {item!r} must look like section.key=value")
+        if dotted in MOVED:
+            raise ConfigError(f"{here}: {dotted} moved to {MOVED[dotted]}")
         if dotted not in valid:
             raise _unknown(here, "config key", dotted, valid)
         why = RESERVED.get(dotted) or (None if method_list else METHOD_KEYS.get(dotted))

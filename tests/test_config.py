@@ -8,7 +8,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rct_dist.config import METRICS, Config, ConfigError, config_to_dict, load_config, resolve_deepspeed_config, save_config
+from rct_dist.config import (
+    METRICS,
+    MOVED,
+    RC_KERNELS,
+    RC_REDUCTIONS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_keys,
+    config_to_dict,
+    load_config,
+    resolve_deepspeed_config,
+    save_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "rct_dist" / "configs"
 RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if not {"deepspeed", "studies"} & set(p.relative_to(CONFIGS).parts))
@@ -52,12 +65,15 @@ def test_shipped_configs_cover_the_paper_settings():
         assert (teacher.optim.schedule, teacher.optim.warmup_epochs_new_layers, teacher.optim.epochs) == ("step", 1, 60)
         assert (teacher.optim.decay_epochs, teacher.optim.decay_gamma, teacher.model.freeze_bn, teacher.optim.lr) == {
             "cub": (10, 0.5, True, 1e-4), "cars": (20, 0.5, True, 1e-4), "sop": (20, 0.25, False, 6e-4)}[dataset]
+        pa = teacher.loss.proxy_anchor  # the Proxy-Anchor authors' margin, alpha and x100 proxy learning rate
+        assert (pa.margin, pa.alpha, pa.lr_multiplier) == (0.1, 32.0, 100.0)
         export = f"{teacher.run.out_dir}/{teacher.run.name}/export"
         for name, backbone, dim in (("self_transfer", "resnet50", 512), ("compression", "resnet18", 128),
                                     ("dim_reduction", "resnet50", 64)):
             c = load_config(CONFIGS / dataset / f"{name}.yaml", [])
             assert (c.job, c.loss.name, c.model.backbone, c.model.embedding_size) == ("transfer", "rc", backbone, dim)
-            assert (c.teacher.export, c.teacher.backbone, c.teacher.embedding_size) == (export, "resnet50", 512)
+            assert (c.teacher.source, c.teacher.export) == ("export", export)  # the teacher above, exported
+            assert (c.loss.rc.sigma, c.loss.rc.delta, c.loss.supervised_weight) == (1.0, 1.0, 0.0)  # the paper's
             assert (c.data.pk, c.data.views, c.data.image_size, c.optim.lr, c.optim.weight_decay) == (
                 [30, 3], 2, 224, 1e-4, 1e-4)  # 90 images as 30 classes x 3 (--IPC 3), 2 views
             assert (c.optim.schedule, c.optim.epochs) == ("cosine", 150 if dataset == "sop" else 90)
@@ -260,3 +276,187 @@ def test_package_file_paths(monkeypatch, tmp_path):
                            ("pkg:weights_pkg_for_test", "must look like")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [f"model.pretrained_file={value}"])
+
+
+# --- Loss sections: each loss's options, moved keys, keys with no effect ----------------------------------------
+
+SMALL = ["model.backbone=rct_cnn3_small", "model.embedding_size=8"]
+
+
+@pytest.mark.parametrize("loss, overrides, expected", [
+    ("rc", ["loss.rc.sigma=0.5", "loss.rc.delta=2", "loss.rc.normalize_student=true", "loss.rc.reduction=mean_pairs",
+            "loss.rc.chunk_size=64", "loss.rc.kernel=torch"],
+     {"sigma": 0.5, "delta": 2.0, "normalize_student": True, "reduction": "mean_pairs", "chunk_size": 64,
+      "kernel": "torch"}),
+    ("rkd", ["loss.rkd.distance_weight=0.5", "loss.rkd.angle_weight=3", "loss.rkd.angle_chunk_elements=1000"],
+     {"distance_weight": 0.5, "angle_weight": 3.0, "angle.chunk_elements": 1000}),
+    ("pkt", ["loss.pkt.eps=1.0e-5"], {"eps": 1e-5}),
+    ("darkrank", ["loss.darkrank.alpha=2", "loss.darkrank.beta=1.5", "loss.darkrank.permute_len=3"],
+     {"alpha": 2.0, "beta": 1.5, "permute_len": 3}),
+    ("regression", ["loss.regression.normalize_teacher=false"], {"normalize_teacher": False, "map.out_features": 16}),
+])
+def test_each_loss_section_reaches_its_loss(loss, overrides, expected):
+    from rct_dist.train.build import build_task
+
+    cfg = load_config(None, ["job=transfer", f"loss.name={loss}", *SMALL, *overrides])
+    task = build_task(cfg, num_classes=5, teacher_size=16)
+    for dotted, value in expected.items():
+        holder = task.transfer
+        for part in dotted.split("."):
+            holder = getattr(holder, part)
+        assert holder == value and type(holder) is type(value), (dotted, holder)
+    assert task.criterion is None  # no Proxy-Anchor without loss.supervised_weight
+    defaults = build_task(load_config(None, ["job=transfer", f"loss.name={loss}", *SMALL]), 5, 16).transfer
+    assert all(_attr(defaults, d) != v for d, v in expected.items() if d != "map.out_features")  # not the defaults
+
+
+def _attr(obj, dotted):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_rkd_defaults_are_the_papers_distance_plus_twice_the_angle():
+    from rct_dist.train.build import build_task
+
+    rkd = build_task(load_config(None, ["loss.name=rkd", *SMALL]), 5).transfer
+    assert (rkd.distance_weight, rkd.angle_weight) == (1.0, 2.0)
+
+
+def test_proxy_anchor_section_reaches_teacher_and_supervised_term(tmp_path):
+    from rct_dist.train.build import build_task
+
+    teacher = load_config(write(tmp_path / "t.yaml", "job: train-teacher\nloss:\n  name: proxy_anchor\n"
+                                "  proxy_anchor: {margin: 0.2, alpha: 16, lr_multiplier: 10}\n"), SMALL)
+    task = build_task(teacher, num_classes=7)
+    assert (task.criterion.margin, task.criterion.alpha, task.criterion.num_classes) == (0.2, 16.0, 7)
+    assert teacher.loss.proxy_anchor.lr_multiplier == 10.0  # what train/loop.py gives build_engine for the proxies
+    both = load_config(None, ["loss.name=pkt", "loss.supervised_weight=0.5", "loss.proxy_anchor.margin=0.3", *SMALL])
+    task = build_task(both, num_classes=7)
+    assert (task.supervised_weight, task.criterion.margin, type(task.transfer).__name__) == (0.5, 0.3, "PKTLoss")
+
+
+def test_loop_passes_the_proxy_lr_multiplier():
+    loop = (Path(__file__).resolve().parents[1] / "rct_dist" / "train" / "loop.py").read_text()
+    assert "cfg.loss.proxy_anchor.lr_multiplier" in loop and "proxy_lr_multiplier" not in loop
+
+
+def test_sub_sections_merge_key_by_key_over_a_base(tmp_path):
+    write(tmp_path / "base.yaml", "loss:\n  name: rc\n  rc: {sigma: 0.5, chunk_size: 32}\n")
+    leaf = write(tmp_path / "c.yaml", "base: base.yaml\nloss:\n  rc: {delta: 2.0}\n")
+    rc = load_config(leaf, ["loss.rc.chunk_size=null"]).loss.rc
+    assert (rc.sigma, rc.delta, rc.chunk_size) == (0.5, 2.0, None)
+    dropped = write(tmp_path / "d.yaml", "base: base.yaml\nloss:\n  rc: null\n")  # a null sub-section: defaults
+    assert load_config(dropped, []).loss.rc == type(rc)()
+
+
+@pytest.mark.parametrize("old, new", list(MOVED.items()))
+def test_moved_keys_say_where_they_went(old, new, tmp_path):
+    section, key = old.split(".")
+    expected = f"{old} moved to {new}"
+    assert expected in error(None, [f"{old}=1"])
+    message = error(write(tmp_path / "c.yaml", f"{section}:\n  {key}: 1\n"))
+    assert expected in message and "\n" not in message
+    assert load_config(None, [f"{new}=2", "job=train-teacher", "loss.name=proxy_anchor"] if "proxy" in new
+                       else [f"{new}=2"]) is not None  # and the new place works as an override
+
+
+@pytest.mark.parametrize("override, words", [
+    ("loss.rc.sigam=1", ["unknown key 'loss.rc.sigam'", "did you mean 'loss.rc.sigma'", "loss.rc.kernel"]),
+    ("loss.rcc.sigma=1", ["unknown key 'loss.rcc'", "did you mean 'loss.rc'"]),
+    ("loss.rc=3", ["section 'loss.rc' must be a mapping"]),
+    ("loss.rc.sigma=0", ["loss.rc.sigma must be > 0, got 0.0"]),
+    ("loss.rc.kernel=cuda", ["loss.rc.kernel must be one of auto, torch, triton, got 'cuda'"]),
+    ("loss.rc.reduction=mean", ["loss.rc.reduction", "mean_pairs"]),
+    ("loss.rc.chunk_size=-1", ["loss.rc.chunk_size must be >= 0"]),
+    ("loss.darkrank.permute_len=0", ["loss.darkrank.permute_len must be > 0"]),
+    ("loss.pkt.eps=0", ["loss.pkt.eps must be > 0"]),
+    ("loss.proxy_anchor.alpha=0", ["loss.proxy_anchor.alpha must be > 0"]),
+    ("loss.proxy_anchor.lr_multiplier=-1", ["loss.proxy_anchor.lr_multiplier must be > 0"]),
+    ("loss.proxy_anchor.margin=-0.1", ["loss.proxy_anchor.margin must be >= 0"]),
+    ("loss.rkd.angle_weight=-1", ["loss.rkd.angle_weight must be >= 0"]),
+    ("optim.lr.x=1", ["section.key=value"]),
+])
+def test_loss_option_errors(override, words):
+    message = error(None, [override])
+    assert all(w in message for w in words), message
+
+
+@pytest.mark.parametrize("overrides, words", [
+    # a loss section other than the chosen loss's
+    (["loss.rc.sigma=2", "loss.name=pkt"], ["loss.rc.sigma has no effect with loss.name pkt: remove it"]),
+    (["loss.darkrank.alpha=2", "loss.darkrank.beta=2"],
+     ["loss.darkrank.alpha, loss.darkrank.beta have no effect with loss.name rc: remove them"]),
+    (["loss.proxy_anchor.margin=0.2"], ["loss.proxy_anchor.margin", "supervised_weight 0"]),
+    (["job=train-teacher", "loss.name=proxy_anchor", "loss.rkd.angle_weight=1"],
+     ["loss.rkd.angle_weight", "loss.name proxy_anchor"]),
+    (["job=train-teacher", "loss.name=proxy_anchor", "loss.supervised_weight=1"],
+     ["loss.supervised_weight", "job train-teacher"]),
+    # teacher keys the job or source does not read
+    (["job=train-teacher", "loss.name=proxy_anchor", "teacher.source=model"], ["teacher.source", "job train-teacher"]),
+    (["teacher.source=export", "teacher.export=x", "teacher.backbone=resnet18", "teacher.embedding_size=64"],
+     ["teacher.backbone, teacher.embedding_size have no effect with teacher.source export"]),
+    (["teacher.source=export", "teacher.export=x", "teacher.pretrained=true"], ["teacher.pretrained", "export"]),
+    (["teacher.source=export", "teacher.export=x", "teacher.pretrained_file=w.pth"], ["teacher.pretrained_file"]),
+    (["teacher.source=shards", "teacher.export=x"], ["teacher.export", "teacher.source shards"]),
+    (["teacher.source=shards", "teacher.backbone=x"], ["teacher.backbone", "teacher.source shards"]),
+    (["teacher.source=shards", "teacher.dtype=bf16"], ["teacher.dtype", "teacher.source shards"]),
+    (["teacher.export=x"], ["teacher.export has no effect with teacher.source model"]),
+])
+def test_keys_with_no_effect_are_refused(overrides, words, tmp_path):
+    message = error(None, overrides)
+    assert all(w in message for w in words), message
+    # the same in a file
+    raw: dict = {}
+    for item in overrides:
+        dotted, _, value = item.partition("=")
+        *path, key = dotted.split(".")
+        holder = raw
+        for part in path:
+            holder = holder.setdefault(part, {})
+        holder[key] = yaml.safe_load(value)
+    message = error(write(tmp_path / "c.yaml", yaml.safe_dump(raw)))
+    assert all(w in message for w in words), message
+
+
+def test_keys_with_no_effect_pass_when_unset_defaulted_or_from_a_base(tmp_path):
+    # null is not a value: a file may spell out a key it leaves unset
+    assert load_config(write(tmp_path / "n.yaml", "teacher: {source: model, export: null}\n"), []).teacher.export is None
+    assert load_config(None, ["loss.name=pkt"]).loss.rc == Config().loss.rc  # defaults are never "set"
+    # A base serves runs of other jobs, losses and sources: what it sets for them is no error in this one
+    write(tmp_path / "base.yaml", "teacher: {source: model, backbone: rct_cnn4, embedding_size: 32}\n"
+          "loss: {name: rc, rc: {sigma: 0.5}}\n")
+    teacher = load_config(write(tmp_path / "t.yaml", "base: base.yaml\njob: train-teacher\nloss: {name: proxy_anchor}\n"), [])
+    export = load_config(write(tmp_path / "e.yaml", "base: base.yaml\nteacher: {source: export, export: x}\n"), [])
+    assert teacher.job == "train-teacher" and export.teacher.source == "export"
+    # ... and they hold their defaults, so equal runs compare equal whatever their base says about other runs
+    assert teacher.teacher == Config().teacher and teacher.loss.rc == Config().loss.rc
+    assert (export.teacher.backbone, export.teacher.embedding_size, export.loss.rc.sigma) == ("resnet50", 512, 0.5)
+    # the file's own keys and the overrides are checked
+    assert "teacher.backbone" in error(write(tmp_path / "own.yaml", "base: base.yaml\nteacher: {source: export, "
+                                             "export: x, backbone: resnet18}\n"))
+    assert "loss.rc.sigma" in error(tmp_path / "t.yaml", ["loss.rc.sigma=0.25"])
+
+
+@pytest.mark.parametrize("name", ["cub/teacher", "cub/compression", "omniglot/rc", "imagenet/teacher"])
+def test_saved_config_holds_only_what_takes_effect_and_loads_back(name, tmp_path):
+    config = load_config(name, [])
+    saved = config_to_dict(config)
+    assert set(saved["loss"]) == {"name", "supervised_weight", config.loss.name} - (
+        {"supervised_weight"} if config.job == "train-teacher" else set())
+    assert ("teacher" in saved) == (config.job == "transfer")
+    if config.job == "transfer":
+        assert set(saved["teacher"]) == {"source", "export", "dtype"}
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml", []) == config == config_from_dict(saved)
+
+
+def test_every_key_can_be_overridden():
+    keys = config_keys()
+    assert {"job", "optim.lr", "loss.rc.sigma", "loss.rkd.angle_weight", "loss.proxy_anchor.lr_multiplier"} <= set(keys)
+    assert not set(MOVED) & set(keys)
+
+
+def test_rc_choices_match_the_loss():
+    rc = pytest.importorskip("rct_dist.losses.relaxed_contrastive")
+    assert (RC_REDUCTIONS, RC_KERNELS) == (rc.REDUCTIONS, rc.KERNELS)

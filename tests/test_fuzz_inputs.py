@@ -23,6 +23,7 @@ override strings, garbled YAML files: those must load or be refused by the rule,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import string
@@ -178,13 +179,24 @@ def test_the_valid_starting_points_reach_the_trainer(paths, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # Systematic value mutations of every leaf key, written into the teacher config's YAML file.
 
-LEAVES: list[tuple[str, str, Any]] = [
-    (section, key, tp) for section, cls in SECTIONS.items() for key, tp in typing.get_type_hints(cls).items()
-]
+def _walk(prefix: str, cls: type):
+    """(section, key, type) of every leaf key under `prefix`, into sub-sections (`loss.rc`, key `sigma`)."""
+    for key, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            yield from _walk(f"{prefix}.{key}", tp)
+        else:
+            yield prefix, key, tp
+
+
+LEAVES: list[tuple[str, str, Any]] = [leaf for section, cls in SECTIONS.items() for leaf in _walk(section, cls)]
+# Sub-sections (section, key): `loss.rc` is ("loss", "rc").
+SUBSECTIONS: list[tuple[str, str]] = sorted({(s.rsplit(".", 1)[0], s.rsplit(".", 1)[1]) for s, _, _ in LEAVES
+                                             if "." in s})
 # Numeric keys for which 0 is a valid value; every other numeric key must refuse 0 (a new key must be
 # classified here, which is the point: a size that silently accepts 0 is what this test exists to catch).
 ZERO_OK = {
-    "run.seed", "data.workers", "data.shuffle_buffer", "data.hflip", "loss.margin", "loss.supervised_weight",
+    "run.seed", "data.workers", "data.shuffle_buffer", "data.hflip", "loss.proxy_anchor.margin", "loss.supervised_weight",
+    "loss.rc.chunk_size", "loss.rkd.distance_weight", "loss.rkd.angle_weight",
     "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "optim.epochs", "optim.warmup_epochs_new_layers",
     "optim.early_stop_patience", "optim.max_nonfinite_steps", "log.retrieval_images", "log.projector_samples",
     "checkpoint.every_steps",
@@ -240,10 +252,26 @@ for _section, _key, _tp in LEAVES:
             VALUE_CASES.append(pytest.param(_section, _key, 0, id=f"{_name}=0"))
     elif _base(_tp)[0] is str and _name not in ("run.out_dir", "data.root"):  # '' is '.' there, checked later
         VALUE_CASES.append(pytest.param(_section, _key, "", id=f"{_name}=empty"))
+for _section, _key in SUBSECTIONS:  # a sub-section is a mapping (null: its defaults)
+    for _label, _value in (("scalar", 5), ("str", "x"), ("list", [{"a": 1}]), ("bool", True)):
+        VALUE_CASES.append(pytest.param(_section, _key, _value, id=f"{_section}.{_key}={_label}"))
+
+
+def put(config: dict[str, Any], section: str, key: str, value: Any) -> None:
+    """config[section][key] = value, `section` dotted for sub-sections (`loss.rc`)."""
+    holder = config
+    for part in section.split("."):
+        holder = holder.setdefault(part, {})
+    holder[key] = value
 
 
 def config_using(p: Paths, section: str, key: str) -> dict[str, Any]:
-    """A valid config in which `section.key` is used: teacher keys need a transfer from that teacher source."""
+    """A valid config in which `section.key` is used: teacher keys need a transfer from that teacher source,
+    a loss's options (`loss.rkd`) that loss, `loss.supervised_weight` a transfer."""
+    if section.startswith("loss.") and section != "loss.proxy_anchor" or (section, key) == ("loss", "supervised_weight"):
+        config = transfer_config(p)
+        config["loss"] = {"name": section.split(".")[1] if "." in section else "rc"}
+        return config
     if section != "teacher":
         return teacher_config(p)
     config = transfer_config(p)
@@ -255,7 +283,7 @@ def config_using(p: Paths, section: str, key: str) -> dict[str, Any]:
 @pytest.mark.parametrize("section, key, value", VALUE_CASES)
 def test_every_leaf_key_refuses_bad_values(section, key, value, paths, tmp_path, capsys):
     config = config_using(paths, section, key)
-    config.setdefault(section, {})[key] = value
+    put(config, section, key, value)
     refused([config["job"], "--config", write_config(tmp_path, config)], [f"{section}.{key}"], capsys, paths.runs)
 
 
@@ -285,7 +313,7 @@ def _edits(name: str, rng: random.Random) -> str:
 
 MISSPELT = [pytest.param(s, k, k + k[-1], id=f"{s}.{k}+{k[-1]}") for s, k, _ in LEAVES]
 _rng = random.Random(1106)
-_fields = {s: set(typing.get_type_hints(c)) for s, c in SECTIONS.items()}
+_fields = {s: {k for s2, k, _ in LEAVES if s2 == s} | {k for s2, k in SUBSECTIONS if s2 == s} for s, _, _ in LEAVES}
 for _ in range(60):
     _s, _k, _ = _rng.choice(LEAVES)
     _bad = _edits(_k, _rng)
@@ -296,7 +324,7 @@ for _ in range(60):
 @pytest.mark.parametrize("section, key, bad", MISSPELT)
 def test_misspelt_keys_are_named_with_a_suggestion(section, key, bad, paths, tmp_path, capsys):
     config = teacher_config(paths)
-    config.setdefault(section, {})[bad] = 1
+    put(config, section, bad, 1)
     line = refused(["train-teacher", "--config", write_config(tmp_path, config)],
                    [f"unknown key '{section}.{bad}'", "valid:"], capsys, paths.runs)
     if bad == key + key[-1]:  # one letter doubled: the key it came from is the closest
@@ -423,6 +451,13 @@ OVERRIDES = [
     ("eval.ks=[0,1]", ["eval.ks"]),
     ("eval.metric=cos", ["eval.metric", "cosine"]),
     ("loss.name=rc", ["loss.name", "proxy_anchor"]),
+    # keys that moved, and keys with no effect on this run (job train-teacher: no teacher, Proxy-Anchor only)
+    ("loss.sigma=0.5", ["loss.sigma", "moved to loss.rc.sigma"]),
+    ("loss.margin=0.2", ["loss.margin", "moved to loss.proxy_anchor.margin"]),
+    ("optim.proxy_lr_multiplier=10", ["optim.proxy_lr_multiplier", "moved to loss.proxy_anchor.lr_multiplier"]),
+    ("loss.rc.sigma=0.5", ["loss.rc.sigma", "no effect", "loss.name proxy_anchor"]),
+    ("loss.supervised_weight=1", ["loss.supervised_weight", "no effect", "job train-teacher"]),
+    ("teacher.backbone=rct_cnn4", ["teacher.backbone", "no effect", "job train-teacher"]),
     ("job=transfr", ["'job=transfr'", "contradicts the subcommand"]),
     ("job=transfer", ["'job=transfer'", "contradicts the subcommand"]),
     ("run.name=..", ["run.name"]),
@@ -448,6 +483,14 @@ def test_bad_overrides(overrides, words, paths, tmp_path, capsys):
     ("teacher.source=export teacher.export=null", ["teacher.export", "not set"]),
     ("teacher.source=exprt", ["teacher.source", "did you mean 'export'"]),
     ("teacher.dtype=fp16", ["teacher.dtype"]),
+    ("loss.delta=2", ["loss.delta", "moved to loss.rc.delta"]),
+    ("teacher.backbone=rct_cnn4", ["teacher.backbone", "no effect", "teacher.source export"]),
+    ("teacher.source=model teacher.export=x", ["teacher.export", "no effect", "teacher.source model"]),
+    ("teacher.source=shards teacher.dtype=bf16", ["teacher.dtype", "no effect", "teacher.source shards"]),
+    ("loss.pkt.eps=0.1", ["loss.pkt.eps", "no effect", "loss.name rc"]),
+    ("loss.proxy_anchor.margin=0.2", ["loss.proxy_anchor.margin", "no effect", "supervised_weight 0"]),
+    ("loss.rc.kernel=triton loss.rc.chunk_size=0", ["loss.rc.chunk_size", "loss.rc.kernel"]),
+    ("loss.name=rkd loss.rkd.distance_weight=0 loss.rkd.angle_weight=0", ["loss.rkd.distance_weight", "both 0"]),
 ])
 def test_bad_transfer_overrides(override, words, paths, tmp_path, capsys):
     argv = ["transfer", "--config", write_config(tmp_path, transfer_config(paths)), *override.split(" ")]
@@ -546,10 +589,11 @@ def test_damaged_split_index_is_named(damage, paths, broken_roots, capsys):
     ("teacher.export={file}", ["teacher.export", "a_file.txt"]),
     ("teacher.export={tmp}/bad-export", ["teacher.export", "bad-export", "JSON"]),
     ("teacher.export={tmp}/no-weights-export", ["teacher.export", "model.safetensors"]),
-    ("teacher.source=model teacher.backbone=resnet5O", ["teacher.backbone", "resnet5O"]),
-    ("teacher.source=model teacher.backbone=rct_cnn4 teacher.pretrained_file={tmp}/t.pth",
+    ("teacher.source=model teacher.export=null teacher.backbone=resnet5O", ["teacher.backbone", "resnet5O"]),
+    ("teacher.source=model teacher.export=null teacher.backbone=rct_cnn4 teacher.pretrained_file={tmp}/t.pth",
      ["teacher.pretrained_file", "t.pth"]),
-    ("teacher.source=shards", ["teacher.source", "shards", "teacher embeddings", "embed --into-shards"]),
+    ("teacher.source=shards teacher.export=null", ["teacher.source", "shards", "teacher embeddings",
+                                                   "embed --into-shards"]),
 ])
 def test_transfer_preflight(overrides, words, paths, tmp_path, capsys):
     (paths.tmp / "bad-export").mkdir(exist_ok=True)
@@ -564,6 +608,13 @@ def test_transfer_preflight(overrides, words, paths, tmp_path, capsys):
 def test_gpu_decode_without_cuda(paths, tmp_path, capsys):
     refused(["train-teacher", "--config", write_config(tmp_path, teacher_config(paths)), "data.decode=gpu"],
             ["data.decode", "CUDA"], capsys, paths.runs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="loss.rc.kernel triton is valid where CUDA is")
+def test_triton_kernel_without_cuda(paths, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    refused(["transfer", "--config", write_config(tmp_path, transfer_config(paths)), "loss.rc.kernel=triton"],
+            ["loss.rc.kernel", "triton"], capsys, paths.runs)
 
 
 def test_world_size_counts_in_the_batch_check(paths, tmp_path, capsys, monkeypatch):

@@ -204,20 +204,20 @@ def test_changed_override_and_unfinished_run_rerun_only_those(first):
     """Last: it changes the study. RC's overrides change (both RC cells rerun, saying why) and one labels run is
     left unfinished (its folder there, no result): exactly those three train."""
     path, out, _, _ = first
-    study = study_dict(methods_overrides={"rc": ["loss.sigma=0.5"]})
+    study = study_dict(methods_overrides={"rc": ["loss.rc.sigma=0.5"]})
     write_study(path.parent, study)
     (out / "cells" / "small-labels-s1.json").unlink()
     before = run_mtimes(out)
     said: list[str] = []
     result = run_study(path, settings=["small"], say=said.append)
     assert sorted(result["trained"]) == ["small-labels-s1", "small-rc-s0", "small-rc-s1"]
-    assert any("training small-rc-s0 (overrides +loss.sigma=0.5)" in line for line in said), said
+    assert any("training small-rc-s0 (overrides +loss.rc.sigma=0.5)" in line for line in said), said
     after = run_mtimes(out)
     for name in ("teacher-cnn4", "small-labels-s0"):
         assert after[name] == before[name]
     for name in result["trained"]:
         assert after[name] != before[name]
-        assert "loss.sigma=0.5" in json.loads((out / "cells" / f"{name}.json").read_text())["spec"]["overrides"] \
+        assert "loss.rc.sigma=0.5" in json.loads((out / "cells" / f"{name}.json").read_text())["spec"]["overrides"] \
             or "labels" in name
 
 
@@ -240,7 +240,8 @@ def test_changed_override_and_unfinished_run_rerun_only_those(first):
     ({"methods": ["rc", "rc"]}, r"methods: \['rc'\] repeated"),
     ({"methods": ["labels"], "references": ["teacher", "raww"]},
      r"references: unknown reference 'raww' \(did you mean 'raw'\?\)"),
-    ({"methods_overrides": {"rkd": ["loss.sigma=2"]}}, r"methods_overrides\.rkd: 'rkd' is not in methods"),
+    ({"methods_overrides": {"rkd": ["loss.rkd.angle_weight=1"]}}, r"methods_overrides\.rkd: 'rkd' is not in methods"),
+    ({"methods_overrides": {"rc": ["loss.sigma=2"]}}, r"methods_overrides\.rc\[0\]: loss\.sigma moved to loss\.rc\.sigma"),
     ({"teachers": {"cnn4": [], "spare": []}}, r"teachers\.spare: no setting names it"),
     ({"settings": {"bad-name": {"teacher": "cnn4"}}}, r"settings: names are letters, digits and '_'"),
     ({"shards": {"source": "digits", "shard_sise": 10}},
@@ -263,8 +264,13 @@ def test_repeated_names_and_bad_values_are_refused(tmp_path):
     path.write_text(text.replace("  narrow:", "  small:"), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"line \d+: duplicate key 'small'"):
         load_study(path)
-    path = write_study(tmp_path, study_dict(methods_overrides={"rc": ["loss.sigma=-1"]}))
-    with pytest.raises(ConfigError, match=r"run small-rc-s0: loss\.sigma must be > 0, got -1"):
+    path = write_study(tmp_path, study_dict(methods_overrides={"rc": ["loss.rc.sigma=-1"]}))
+    with pytest.raises(ConfigError, match=r"run small-rc-s0: loss\.rc\.sigma must be > 0, got -1"):
+        plan(load_study(path), tmp_path / "out")
+    # `base` reaches the teachers too, whose loss (Proxy-Anchor) has no loss.rc: RC's options go in methods_overrides
+    path = write_study(tmp_path, study_dict(base=[*BASE, "loss.rc.sigma=2"]))
+    with pytest.raises(ConfigError, match=r"run teacher-cnn4: loss\.rc\.sigma has no effect with loss\.name "
+                                          r"proxy_anchor"):
         plan(load_study(path), tmp_path / "out")
 
 

@@ -31,24 +31,30 @@ def teacher_dim(cfg: Config, train_index: ShardIndex | None = None) -> int:
 
 
 def build_task(cfg: Config, num_classes: int, teacher_size: int | None = None) -> TransferTask:
-    """Student + criterion of a run; `teacher_size` (default `teacher_dim(cfg)`) sizes the regression map."""
+    """Student + criterion of a run, each loss built with every option of its `loss.<name>` section;
+    `teacher_size` (default `teacher_dim(cfg)`) sizes the regression map."""
     net = build_model(cfg.model.backbone, cfg.model.embedding_size, pretrained=cfg.model.pretrained,
                       pretrained_file=cfg.model.pretrained_file, normalize=cfg.model.normalize,
                       feature_blocks=cfg.model.feature_blocks, freeze_bn=cfg.model.freeze_bn)
+    loss = cfg.loss
     supervised = None
-    if cfg.job == "train-teacher" or cfg.loss.supervised_weight > 0:
-        supervised = ProxyAnchorLoss(num_classes, cfg.model.embedding_size, margin=cfg.loss.margin,
-                                     alpha=cfg.loss.alpha)
+    if cfg.job == "train-teacher" or loss.supervised_weight > 0:
+        pa = loss.proxy_anchor  # (its lr_multiplier is the optimizer's: train/loop.py passes it to build_engine)
+        supervised = ProxyAnchorLoss(num_classes, cfg.model.embedding_size, margin=pa.margin, alpha=pa.alpha)
     if cfg.job == "train-teacher":
         return TransferTask(net, supervised=supervised)
+    rc, rkd, darkrank = loss.rc, loss.rkd, loss.darkrank
     transfer = {
-        "rc": lambda: RelaxedContrastiveLoss(sigma=cfg.loss.sigma, delta=cfg.loss.delta),
-        "rkd": RKDLoss,
-        "pkt": PKTLoss,
-        "darkrank": DarkRankLoss,
-        "regression": lambda: EmbeddingRegressionLoss(cfg.model.embedding_size, teacher_size or teacher_dim(cfg)),
-    }[cfg.loss.name]()
-    return TransferTask(net, transfer=transfer, supervised=supervised, supervised_weight=cfg.loss.supervised_weight)
+        "rc": lambda: RelaxedContrastiveLoss(sigma=rc.sigma, delta=rc.delta, normalize_student=rc.normalize_student,
+                                             reduction=rc.reduction, chunk_size=rc.chunk_size, kernel=rc.kernel),
+        "rkd": lambda: RKDLoss(distance_weight=rkd.distance_weight, angle_weight=rkd.angle_weight,
+                               chunk_elements=rkd.angle_chunk_elements),
+        "pkt": lambda: PKTLoss(eps=loss.pkt.eps),
+        "darkrank": lambda: DarkRankLoss(alpha=darkrank.alpha, beta=darkrank.beta, permute_len=darkrank.permute_len),
+        "regression": lambda: EmbeddingRegressionLoss(cfg.model.embedding_size, teacher_size or teacher_dim(cfg),
+                                                      normalize_teacher=loss.regression.normalize_teacher),
+    }[loss.name]()
+    return TransferTask(net, transfer=transfer, supervised=supervised, supervised_weight=loss.supervised_weight)
 
 
 def build_teacher(cfg: Config, device: torch.device) -> FrozenTeacher | None:
