@@ -15,17 +15,18 @@ from rct_dist.logs import LOGGER, environment_rank, setup_logging
 
 @pytest.fixture(autouse=True)
 def restore_logger():
-    """Each test starts from and leaves the `rct_dist` logger as it found it (other tests share the process)."""
+    """Each test starts from a bare `rct_dist` logger and leaves it as it found it: handlers an earlier
+    set-up added in this process (a CLI test's) are set aside, untouched, and put back."""
     logger = logging.getLogger(LOGGER)
     handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    for handler in handlers:
+        logger.removeHandler(handler)
     yield logger
     for handler in list(logger.handlers):
-        if handler not in handlers:
-            logger.removeHandler(handler)
-            handler.close()
+        logger.removeHandler(handler)
+        handler.close()
     for handler in handlers:
-        if handler not in logger.handlers:
-            logger.addHandler(handler)
+        logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = propagate
 
@@ -63,16 +64,15 @@ def test_setting_up_twice_doubles_nothing_and_the_file_is_appended(tmp_path, cap
     first, second = tmp_path / "a" / "train.log", tmp_path / "b" / "train.log"
     first.parent.mkdir()
     first.write_text("an earlier attempt\n", encoding="utf-8")
-    before = len(restore_logger.handlers)
     for _ in range(3):
         setup_logging(0, first)
-    assert len(restore_logger.handlers) == before + 2  # one console, one file
+    assert len(restore_logger.handlers) == 2  # one console, one file
     logging.getLogger("rct_dist").info("once")
     setup_logging(0, second)  # another run in the same process: its own file, the first one closed
-    assert len(restore_logger.handlers) == before + 2
+    assert len(restore_logger.handlers) == 2
     logging.getLogger("rct_dist").info("twice")
     setup_logging(0)  # no file
-    assert len(restore_logger.handlers) == before + 1
+    assert len(restore_logger.handlers) == 1
     logging.getLogger("rct_dist").info("thrice")
     assert _lines(capsys.readouterr().err) == ["once", "twice", "thrice"]
     assert [line.split(": ", 1)[-1] for line in first.read_text().splitlines()] == ["an earlier attempt", "once"]
