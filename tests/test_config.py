@@ -460,3 +460,15 @@ def test_every_key_can_be_overridden():
 def test_rc_choices_match_the_loss():
     rc = pytest.importorskip("rct_dist.losses.relaxed_contrastive")
     assert (RC_REDUCTIONS, RC_KERNELS) == (rc.REDUCTIONS, rc.KERNELS)
+
+
+def test_readme_lists_every_loss_option_with_its_default():
+    import dataclasses
+    import re
+
+    from rct_dist.config import LossConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(loss:\n.*?)```", readme, re.S)
+    assert block, "README.md: no ```yaml block of the loss section"
+    assert yaml.safe_load(block.group(1))["loss"] == dataclasses.asdict(LossConfig())
