@@ -134,9 +134,9 @@ def test_monitor_says_through_the_logger_and_logs_the_bar_at_the_epochs_end(tmp_
         monitor.close(finished=False)
     records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
     assert records[:2] == [("rct_dist.train", "INFO", "before the bar"), ("rct_dist.train", "INFO", "under the bar")]
-    assert re.fullmatch(r"epoch 2/3: 10/10 steps in \d\d:\d\d \((\d+\.\d\d steps/s|-), resumed at 4\), loss 0\.5000",
+    assert re.fullmatch(r"epoch 2/3: 10/10 batches in \d\d:\d\d \((\d+\.\d\d batches/s|-), resumed at 4\), loss 0\.5000",
                         records[2][2]), records[2]
-    assert re.fullmatch(r"epoch 3/3: stopped at 1/10 steps in \d\d:\d\d \((\d+\.\d\d steps/s|-)\), loss -",
+    assert re.fullmatch(r"epoch 3/3: stopped at 1/10 batches in \d\d:\d\d \((\d+\.\d\d batches/s|-)\), loss -",
                         records[3][2]), records[3]
     assert len(records) == 4
 
@@ -169,7 +169,7 @@ def test_a_run_writes_train_log_and_a_resume_continues_it(digits_shards, tmp_pat
     log_file = tmp_path / "runs" / "logged" / "train.log"
     first = log_file.read_text(encoding="utf-8")
     assert re.search(r" INFO rct_dist\.train: epoch 1: R@1 \d+\.\d\d .*MAP@R \d", first), first
-    assert re.search(r" INFO rct_dist\.train: epoch 1/1: \d+/\d+ steps in ", first), first
+    assert re.search(r" INFO rct_dist\.train: epoch 1/1: \d+/\d+ batches in ", first), first
     assert "resumed from" not in first
     capsys.readouterr()
 

@@ -208,18 +208,19 @@ def purge_projector(log_dir: Path, after_step: int) -> None:
 
 
 def bar_summary(bar, stopped: bool = False) -> str:
-    """A tqdm bar's state as one line; the rate counts the steps this process ran (a resumed epoch's bar
-    starts at the resume point)."""
+    """A tqdm bar's state as one line. The bar counts this rank's batches (micro-batches: with gradient
+    accumulation several make one optimizer step); the rate counts those this process ran (a resumed
+    epoch's bar starts at the resume point)."""
     from tqdm import tqdm
 
     state = bar.format_dict
     done, total, elapsed = state["n"], state["total"], state["elapsed"]
     ran = done - (state.get("initial") or 0)
-    rate = f"{ran / elapsed:.2f} steps/s" if elapsed > 0 and ran > 0 else "no steps" if ran <= 0 else "-"
+    rate = f"{ran / elapsed:.2f} batches/s" if elapsed > 0 and ran > 0 else "no batches" if ran <= 0 else "-"
     resumed = f", resumed at {state['initial']}" if state.get("initial") else ""
     postfix = f", {state['postfix'].replace('=', ' ')}" if state.get("postfix") else ""
     where = "stopped at " if stopped else ""
-    return (f"{state['prefix'] or 'epoch'}: {where}{done}/{total} steps in {tqdm.format_interval(elapsed)} "
+    return (f"{state['prefix'] or 'epoch'}: {where}{done}/{total} batches in {tqdm.format_interval(elapsed)} "
             f"({rate}{resumed}){postfix}")
 
 
@@ -331,7 +332,7 @@ class Monitor:
             log.info(text)
 
     def end_epoch(self, stopped: bool = False) -> None:
-        """Close the bar, its final state logged as one line: `epoch E/N: n/total steps in mm:ss (r steps/s,
+        """Close the bar, its final state logged as one line: `epoch E/N: n/total batches in mm:ss (r batches/s,
         this process), loss x` (`stopped at` when the run ends inside the epoch)."""
         if self.bar is not None:
             line = bar_summary(self.bar, stopped)
