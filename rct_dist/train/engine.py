@@ -83,21 +83,65 @@ def warmup_step_decay(warmup_steps: int, steps_per_epoch: int, decay_epochs: int
     return factor
 
 
-def param_groups(module: nn.Module, lr: float, criterion_lr_multiplier: float = 1.0) -> list[dict[str, Any]]:
-    """Trainable parameters as named groups: `backbone` (the pretrained network, `module.net.backbone`),
-    `new` (everything else: the embedding head, a loss's own layers) and `proxies` (`module.criterion`,
-    Proxy-Anchor's proxies, at `criterion_lr_multiplier` x lr, as in the Proxy-Anchor paper). Empty groups
-    are left out; a net without a `backbone` has all its parameters in `new`."""
-    criterion = getattr(module, "criterion", None)
-    proxy_ids = {id(p) for p in criterion.parameters()} if criterion is not None else set()
-    backbone = getattr(getattr(module, "net", None), "backbone", None)
-    backbone_ids = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
-    named: dict[str, list[nn.Parameter]] = {"backbone": [], "new": [], "proxies": []}
-    for p in module.parameters():
-        if p.requires_grad:
-            named["proxies" if id(p) in proxy_ids else "backbone" if id(p) in backbone_ids else "new"].append(p)
+ROLES = ("backbone", "new", "proxies")
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    """timm's `param_groups_weight_decay` rule: 1-D tensors (BatchNorm/LayerNorm weights and biases,
+    biases) and anything named `*.bias` get no weight decay."""
+    return p.ndim <= 1 or name.endswith(".bias")
+
+
+def param_groups(
+    module: nn.Module, lr: float, criterion_lr_multiplier: float = 1.0, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Trainable parameters as named optimizer groups, from the roles the module declares.
+
+    Roles: `module.parameter_roles()` (rct_dist/train/task.py) -> {role: [(name, parameter)]} with roles
+    `backbone` (the pretrained network), `new` (the embedding head, a loss's own layers) and `proxies`
+    (Proxy-Anchor's proxies, at `criterion_lr_multiplier` x lr, as in the Proxy-Anchor paper). A module
+    without `parameter_roles` has all its parameters in `new`. The declaration must cover every
+    trainable parameter exactly once (a ValueError otherwise: nothing is left out of the optimizer).
+
+    Weight decay: each role splits into `<role>` (weight decay `weight_decay`) and `<role>_no_decay`
+    (weight decay 0) by timm's rule: 1-D tensors (BatchNorm weights and biases) and `*.bias` get none.
+    The proxies are a (classes x dim) matrix, so they are decayed: as in the Proxy-Anchor authors'
+    code (tjddus9597/Proxy-Anchor-CVPR2020 code/train.py), whose proxy group sets only its lr (x 100)
+    and so takes the optimizer's weight decay (their 1e-4, AdamW). Unlike that code, which decays every
+    parameter, biases and BatchNorm are not decayed here.
+
+    Order: backbone, backbone_no_decay, new, new_no_decay, proxies, proxies_no_decay; frozen
+    parameters (requires_grad False, e.g. `model.freeze_bn`) and empty groups are left out.
+    """
+    declare = getattr(module, "parameter_roles", None)
+    roles = declare() if callable(declare) else {"new": list(module.named_parameters())}
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"{type(module).__name__}.parameter_roles: unknown roles {sorted(unknown)} (use {ROLES})")
+    seen: dict[int, str] = {}
+    groups: list[dict[str, Any]] = []
     rates = {"backbone": lr, "new": lr, "proxies": lr * criterion_lr_multiplier}
-    return [{"name": name, "params": params, "lr": rates[name]} for name, params in named.items() if params]
+    for role in ROLES:
+        split: dict[bool, list[nn.Parameter]] = {False: [], True: []}
+        for name, p in roles.get(role, []):
+            if id(p) in seen:
+                raise ValueError(f"{type(module).__name__}.parameter_roles: {name} is in {seen[id(p)]} and {role}")
+            seen[id(p)] = role
+            if p.requires_grad:
+                split[_no_decay(name, p)].append(p)
+        for no_decay, params in split.items():
+            if params:
+                groups.append({"name": f"{role}_no_decay" if no_decay else role, "params": params,
+                               "lr": rates[role], "weight_decay": 0.0 if no_decay else weight_decay})
+    missing = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise ValueError(f"{type(module).__name__}.parameter_roles leaves out trainable parameters: {missing}")
+    return groups
+
+
+def group_role(group: dict[str, Any]) -> str:
+    """The role of a group `param_groups` made: `backbone_no_decay` -> `backbone`."""
+    return group["name"].removesuffix("_no_decay")
 
 
 def build_engine(
@@ -116,8 +160,9 @@ def build_engine(
     """deepspeed.initialize with a torch AdamW (no op build needed) and an LR schedule per step.
 
     `schedule`: the LR factor per optimizer step (default: `warmup_cosine(warmup_steps, total_steps)`).
-    `new_layers_only_steps`: the backbone group's LR is 0 for that many first steps, so only the new
-    layers learn (Proxy-Anchor's warm-up epoch; the task also stops gradients into the backbone then).
+    `new_layers_only_steps`: the backbone groups' LR (decayed and not) is 0 for that many first steps,
+    so only the new layers learn (Proxy-Anchor's warm-up epoch; the task also stops gradients into the
+    backbone then). Groups and weight decay: `param_groups` (no decay for biases and 1-D parameters).
     `skip_nonfinite`, `max_nonfinite_steps`: the AdamW is a `GuardedAdamW`, which skips a step with a
     NaN/Inf loss or gradient on any rank and stops the job after more than that many in a row; the loop
     hands it each loss (`nonfinite_guard(engine).note_loss(loss)`). Off under fp16 loss scaling, which
@@ -126,12 +171,12 @@ def build_engine(
     import deepspeed
 
     schedule = schedule or warmup_cosine(warmup_steps, total_steps)
-    groups = param_groups(module, lr, criterion_lr_multiplier)
+    groups = param_groups(module, lr, criterion_lr_multiplier, weight_decay)
 
     def frozen_first(factor: Callable[[int], float]) -> Callable[[int], float]:
         return lambda step: 0.0 if step < new_layers_only_steps else factor(step)
 
-    factors = [frozen_first(schedule) if g["name"] == "backbone" else schedule for g in groups]
+    factors = [frozen_first(schedule) if group_role(g) == "backbone" else schedule for g in groups]
     optimizer = GuardedAdamW(groups, lr=lr, weight_decay=weight_decay, skip_nonfinite=skip_nonfinite,
                              max_nonfinite_steps=max_nonfinite_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
