@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rct_dist.data import shards as make_shards
+from rct_dist.data.shards import make_shards
 from rct_dist.data.loader import make_loader
 from rct_dist.data.transforms import DeviceDecode, build_transform
 
@@ -43,12 +43,7 @@ def synthetic_split(root: Path, images: int, shards: int, classes: int = 10, sid
         target = folder / f"class{i % classes:03d}"
         target.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).resize((side, side), Image.BILINEAR).save(target / f"{i:07d}.jpg", quality=90)
-    parser = argparse.ArgumentParser()
-    make_shards.add_arguments(parser)
-    make_shards.run(parser.parse_args([
-        "--source", "folder", "--root", str(folder), "--out", str(root / "shards"), "--split-classes", "none",
-        "--shard-size", str(-(-images // shards)),
-    ]))
+    make_shards("folder", root / "shards", root=folder, split_classes="none", shard_size=-(-images // shards))
     return root / "shards" / "train"
 
 

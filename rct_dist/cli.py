@@ -68,6 +68,48 @@ def _demo(args: argparse.Namespace) -> None:
     finish()
 
 
+def add_make_shards_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the `make-shards` subcommand: the fields of rct_dist.data.shards.ShardOptions as flags."""
+    from pathlib import Path
+
+    from rct_dist.data.shards import DEFAULT_WORKERS, SOURCES, VAL_SPLIT
+
+    positive_int = _int_at_least(1)
+    parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="dataset layout to read")
+    parser.add_argument("--root", type=Path, help="dataset folder (not needed for digits)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder; one subfolder per split")
+    parser.add_argument(
+        "--split-classes", choices=("half", "none"), default="half",
+        help="folder source: first half of the sorted classes -> train, second half -> test; or one split",
+    )
+    parser.add_argument("--split", default="train", help="folder source with --split-classes none: the split name")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard")
+    parser.add_argument("--limit-classes", type=positive_int, help="keep the first N classes per split (quick runs)")
+    parser.add_argument(
+        "--val-classes", type=positive_int, metavar="K",
+        help="move K of the training classes, a seeded random choice, into a validation split with classes "
+        "disjoint from train and test (for checkpoint selection and early stopping); applied after "
+        "--limit-classes: --limit-classes 100 --val-classes 20 gives 80 train + 20 val classes",
+    )
+    parser.add_argument(
+        "--val-split", metavar="NAME", help=f"with --val-classes: the validation split's name (default {VAL_SPLIT})"
+    )
+    parser.add_argument(
+        "--val-seed", type=int, metavar="SEED", help="with --val-classes: seed of the choice of classes (default 0)"
+    )
+    parser.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, help="writer processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace splits made with different arguments")
+
+
+def shard_options(args: argparse.Namespace):
+    """The parsed make-shards flags as a rct_dist.data.shards.ShardOptions (ValueError if a value is bad)."""
+    from dataclasses import fields
+
+    from rct_dist.data.shards import ShardOptions
+
+    return ShardOptions(**{field.name: getattr(args, field.name) for field in fields(ShardOptions)})
+
+
 def _make_shards(args: argparse.Namespace) -> None:
     import json
 
@@ -76,7 +118,7 @@ def _make_shards(args: argparse.Namespace) -> None:
 
     check_folder_argument("--out", args.out)
     try:
-        summary = shards.run(args)
+        summary = shards.run(shard_options(args))
     except (ValueError, FileExistsError, FileNotFoundError) as error:  # bad arguments or data: one line
         print(f"rct-dist make-shards: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -282,10 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
         _local_rank_argument(p, argparse.SUPPRESS)
         p.set_defaults(run=_train)
-    from rct_dist.data.shards import add_arguments as add_shard_arguments
-
     make_shards = sub.add_parser("make-shards", help="write webdataset shards and an index per split from a dataset")
-    add_shard_arguments(make_shards)
+    add_make_shards_arguments(make_shards)
     make_shards.set_defaults(run=_make_shards)
     evaluation = sub.add_parser("eval", help="Recall@K and MAP@R of an exported student on a split, as JSON")
     _add_job_arguments(evaluation)

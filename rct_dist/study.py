@@ -190,33 +190,31 @@ def _overrides(where: str, value: Any, method_list: bool = False) -> tuple[str, 
     return tuple(result)
 
 
-def _shard_parser() -> argparse.ArgumentParser:
-    from rct_dist.data import shards
+def _shard_options() -> dict[str, str]:
+    """make-shards' options (the fields of rct_dist.data.shards.ShardOptions) -> their annotated type."""
+    from dataclasses import fields
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # a ConfigError, not a usage message and exit
-            raise ConfigError(f"shards: {message}")
+    from rct_dist.data.shards import ShardOptions
 
-    parser = Parser(prog="make-shards", add_help=False)
-    shards.add_arguments(parser)
-    return parser
+    return {option.name: str(option.type) for option in fields(ShardOptions)}
 
 
-def _shard_options() -> dict[str, argparse.Action]:
-    return {action.dest: action for action in _shard_parser()._actions if action.option_strings}
-
-
-def shard_argv(options: dict[str, Any], out: Path) -> list[str]:
-    """make-shards' command line for the `shards` mapping, writing to `out`."""
-    actions = _shard_options()
-    argv = []
+def shard_keywords(options: dict[str, Any]) -> dict[str, Any]:
+    """The `shards` mapping as `make_shards` keywords, each value read as make-shards' flag would read it
+    (a quoted number as an integer, a number as a name)."""
+    kinds = _shard_options()
+    keywords = {}
     for key, value in options.items():
-        flag = actions[key].option_strings[-1]
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        else:
-            argv += [flag, str(value)]
-    return [*argv, "--out", str(out), "--overwrite"]
+        if "int" in kinds[key] and isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"shards.{key}: expected an integer, got {value!r}") from None
+        elif ("str" in kinds[key] or "Path" in kinds[key]) and isinstance(value, (int, float)) \
+                and not isinstance(value, bool):
+            value = str(value)
+        keywords[key] = value
+    return keywords
 
 
 def _shards(value: Any) -> dict[str, Any] | None:
@@ -235,7 +233,7 @@ def _shards(value: Any) -> dict[str, Any] | None:
             raise _unknown("shards", "make-shards argument", key, valid)
         if isinstance(item, (dict, list)) or item is None:
             raise ConfigError(f"shards.{key}: expected one value, got {item!r}")
-        if isinstance(item, bool) and actions[dest].nargs != 0:
+        if isinstance(item, bool) and actions[dest] != "bool":
             raise ConfigError(f"shards.{key}: expected a value, got {item!r}")
         if dest == "root" and item == "embedded":
             from rct_dist.demo import EMBEDDED
@@ -244,16 +242,13 @@ def _shards(value: Any) -> dict[str, Any] | None:
         options[dest] = item
     if "source" not in options:
         raise ConfigError("shards: `source` is required (a make-shards source: digits, omniglot, cub, ...)")
-    # Types and choices as make-shards checks them, then its own checks of the combination, where it has them.
-    args = _shard_parser().parse_args(shard_argv(options, Path("shards")))
-    from rct_dist.data import shards as shards_module
+    # Types, choices and their combination as make-shards checks them.
+    from rct_dist.data.shards import ShardOptions
 
-    for check in (getattr(shards_module, "check_args", None), getattr(shards_module, "validation", None)):
-        if check is not None:
-            try:
-                check(args)
-            except ValueError as error:
-                raise ConfigError(f"shards: {error}") from None
+    try:
+        ShardOptions(out=Path("shards"), overwrite=True, **shard_keywords(options))
+    except ValueError as error:
+        raise ConfigError(f"shards: {error}") from None
     return options
 
 
@@ -749,9 +744,7 @@ def write_results(study: Study, runs: dict[str, Run], out_dir: Path, raw_ok: boo
 def _make_shards(study: Study, out_dir: Path, say: Callable[[str], None]) -> None:
     from rct_dist.data import shards
 
-    parser = argparse.ArgumentParser(prog="make-shards")
-    shards.add_arguments(parser)
-    summary = shards.run(parser.parse_args(shard_argv(study.shards, out_dir / "shards")))
+    summary = shards.make_shards(out=out_dir / "shards", overwrite=True, **shard_keywords(study.shards))
     for split, info in summary.get("splits", {}).items():
         state = info.get("status", "") if isinstance(info, dict) else ""
         say(f"shards {split}: {state or 'ready'}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,5 @@ from rct_dist.data import shards
 def digits_shards(tmp_path_factory) -> Path:
     """scikit-learn's digits as shards of 100 (train: 901 images of classes 0-4, test: 896 of 5-9)."""
     out = tmp_path_factory.mktemp("digits")
-    parser = argparse.ArgumentParser()
-    shards.add_arguments(parser)
-    shards.run(parser.parse_args(["--source", "digits", "--out", str(out), "--shard-size", "100", "--workers", "1"]))
+    shards.make_shards("digits", out, shard_size=100, workers=1)
     return out

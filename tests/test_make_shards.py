@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -18,15 +17,13 @@ from fake_files import fake_cub, image_bytes, write_files
 from sklearn.datasets import load_digits
 
 import rct_dist
-from rct_dist.data.shards import add_arguments, images, run
+from rct_dist.data.shards import images, make_shards
 
 OMNIGLOT = Path(os.environ.get("RCT_DIST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "omniglot"
 
 
-def make(out: Path, *argv: str) -> dict:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return run(parser.parse_args(["--out", str(out), "--workers", "1", *argv]))
+def make(out: Path, source: str, **keywords) -> dict:
+    return make_shards(source, out, **{"workers": 1, **keywords})
 
 
 def read_split(split_dir: Path) -> tuple[dict, dict[str, dict[str, bytes]]]:
@@ -52,7 +49,7 @@ def pixels(data: bytes) -> np.ndarray:
 
 
 def test_digits_counts_index_pixels_and_determinism(tmp_path):
-    summary = make(tmp_path / "a", "--source", "digits", "--shard-size", "300", "--workers", "2")
+    summary = make(tmp_path / "a", "digits", shard_size=300, workers=2)
     assert {s: v["samples"] for s, v in summary["splits"].items()} == {"train": 901, "test": 896}
     source = np.rint(load_digits().images * (255 / 16)).astype(np.uint8)
     names = {}
@@ -74,7 +71,7 @@ def test_digits_counts_index_pixels_and_determinism(tmp_path):
         assert labels == set(range(5))
         names[split] = set(index["class_names"])
     assert not names["train"] & names["test"]
-    make(tmp_path / "b", "--source", "digits", "--shard-size", "300")  # in-process this time
+    make(tmp_path / "b", "digits", shard_size=300)  # in-process this time
     for split in ("train", "test"):
         for name in json.loads((tmp_path / "a" / split / "index.json").read_text())["shards"]:
             assert (tmp_path / "a" / split / name).read_bytes() == (tmp_path / "b" / split / name).read_bytes()
@@ -82,7 +79,7 @@ def test_digits_counts_index_pixels_and_determinism(tmp_path):
 
 @pytest.mark.skipif(not (OMNIGLOT / "images_background.npz").is_file(), reason=f"Omniglot npz not found in {OMNIGLOT}")
 def test_omniglot_npz_limited_classes_match_source_pixels(tmp_path):
-    summary = make(tmp_path, "--source", "omniglot", "--root", str(OMNIGLOT), "--limit-classes", "3")
+    summary = make(tmp_path, "omniglot", root=OMNIGLOT, limit_classes=3)
     counts = {s: (v["samples"], v["classes"]) for s, v in summary["splits"].items()}
     assert counts == {"train": (60, 3), "test": (60, 3)}
     for split, stem in (("train", "images_background"), ("test", "images_evaluation")):
@@ -106,7 +103,7 @@ def test_omniglot_zip_keeps_png_bytes(tmp_path):
                 member = f"{stem}/Alphabet_{n}{a}/character{c + 1:02d}/{c:04d}_{k + 1:02d}.png"
                 kept[f"{stem}.zip/{member}"] = image_bytes("PNG", len(kept))
                 zf.writestr(member, kept[f"{stem}.zip/{member}"])
-    make(tmp_path / "out", "--source", "omniglot", "--root", str(root))
+    make(tmp_path / "out", "omniglot", root=root)
     names = {}
     for split in ("train", "test"):
         index, samples = read_split(tmp_path / "out" / split)
@@ -129,7 +126,7 @@ def test_folder_half_split_keeps_bytes_and_skips_corrupt_files(tmp_path):
     files["dog/notes.txt"] = "ignored"
     write_files(root, files)
     (root / "empty_class").mkdir()
-    summary = make(tmp_path / "out", "--source", "folder", "--root", str(root))
+    summary = make(tmp_path / "out", "folder", root=root)
     assert {s: (v["samples"], v["skipped"]) for s, v in summary["splits"].items()} == {"train": (9, 1), "test": (6, 1)}
     train, train_samples = read_split(tmp_path / "out" / "train")
     test, test_samples = read_split(tmp_path / "out" / "test")
@@ -141,7 +138,7 @@ def test_folder_half_split_keeps_bytes_and_skips_corrupt_files(tmp_path):
         (ext,) = set(sample) - {"cls", "json"}
         assert ext == ("png" if meta["source"].endswith(".png") else "jpg")
         assert sample[ext] == files[meta["source"]]
-    one = make(tmp_path / "one", "--source", "folder", "--root", str(root), "--split-classes", "none", "--split", "all")
+    one = make(tmp_path / "one", "folder", root=root, split_classes="none", split="all")
     assert list(one["splits"]) == ["all"] and one["splits"]["all"]["samples"] == 15
 
 
@@ -161,7 +158,7 @@ def test_errors_name_the_problem(tmp_path, source, layout, message):
         (tmp_path / "root").mkdir()
         write_files(tmp_path / "root", layout)
     with pytest.raises((FileNotFoundError, ValueError), match=message):
-        make(tmp_path / "out", "--source", source, "--root", str(tmp_path / "root"))
+        make(tmp_path / "out", source, root=tmp_path / "root")
     assert not (tmp_path / "out").exists()
 
 
@@ -173,7 +170,7 @@ def check_disjoint_split(out: Path, expected: dict[str, tuple[int, int]]) -> Non
 
 def test_cub_layout(tmp_path):
     fake_cub(tmp_path / "cub")
-    make(tmp_path / "out", "--source", "cub", "--root", str(tmp_path / "cub"))
+    make(tmp_path / "out", "cub", root=tmp_path / "cub")
     check_disjoint_split(tmp_path / "out", {"train": (4, 2), "test": (4, 2)})
     assert read_split(tmp_path / "out" / "test")[0]["class_names"] == ["101.Bird_101", "102.Bird_102"]
 
@@ -188,7 +185,7 @@ def test_cars_layout(tmp_path):
     names = np.array([f"Car {i}" for i in range(1, 101)], dtype=object)
     mat = {"annotations": annotations[None], "class_names": names[None]}  # 1 x N like the real file
     scipy.io.savemat(tmp_path / "cars" / "cars_annos.mat", mat)
-    make(tmp_path / "out", "--source", "cars", "--root", str(tmp_path / "cars"))
+    make(tmp_path / "out", "cars", root=tmp_path / "cars")
     check_disjoint_split(tmp_path / "out", {"train": (3, 2), "test": (4, 2)})
     assert read_split(tmp_path / "out" / "train")[0]["class_names"] == ["Car 97", "Car 98"]
 
@@ -200,26 +197,26 @@ def test_sop_layout(tmp_path):
         files[f"Ebay_{split}.txt"] = header + "".join(f"{n} {c} 1 {s}/{n}_0.JPG\n" for n, c, s in rows)
         files.update({f"{s}/{n}_0.JPG": image_bytes("JPEG", n) for n, _, s in rows})
     write_files(tmp_path / "sop", files)
-    make(tmp_path / "out", "--source", "sop", "--root", str(tmp_path / "sop"))
+    make(tmp_path / "out", "sop", root=tmp_path / "sop")
     check_disjoint_split(tmp_path / "out", {"train": (3, 2), "test": (2, 2)})
 
 
 def test_rerun_is_a_noop_and_other_arguments_need_overwrite(tmp_path):
-    out, args = tmp_path / "out", ("--source", "digits", "--shard-size", "300")
-    make(out, *args)
+    out, args = tmp_path / "out", {"source": "digits", "shard_size": 300}
+    make(out, **args)
     shard = out / "train" / "train-000003.tar"
     stamp = shard.stat().st_mtime_ns
     stale = out / "train" / ".train-000001.tar.tmp-99999"
     stale.write_bytes(b"half")
-    again = make(out, *args)
+    again = make(out, **args)
     assert {v["status"] for v in again["splits"].values()} == {"already done"}
     assert shard.stat().st_mtime_ns == stamp and not stale.exists()
     with pytest.raises(FileExistsError, match="--overwrite"):
-        make(out, "--source", "digits", "--shard-size", "500")
+        make(out, "digits", shard_size=500)
     assert shard.exists() and read_split(out / "train")[0]["made_by"]["args"]["shard_size"] == 300
     (out / "test" / "test-000001.tar").unlink()  # same arguments, shard lost: rewritten without --overwrite
-    assert make(out, *args)["splits"]["test"]["status"] == "written" and shard.stat().st_mtime_ns == stamp
-    make(out, "--source", "digits", "--shard-size", "500", "--overwrite")
+    assert make(out, **args)["splits"]["test"]["status"] == "written" and shard.stat().st_mtime_ns == stamp
+    make(out, "digits", shard_size=500, overwrite=True)
     assert sorted(p.name for p in (out / "train").iterdir()) == ["index.json", "train-000000.tar", "train-000001.tar"]
     assert read_split(out / "train")[0]["shard_samples"] == [500, 401]
 
@@ -236,18 +233,18 @@ def test_crash_mid_write_leaves_no_partial_shard_and_no_index(tmp_path, monkeypa
     monkeypatch.setattr(images.ArrayImage, "encode", failing)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        make(out, "--source", "digits", "--shard-size", "300")
+        make(out, "digits", shard_size=300)
     assert sorted(p.name for p in (out / "train").iterdir()) == ["train-000000.tar"]
     with tarfile.open(out / "train" / "train-000000.tar") as tar:
         assert len(tar.getmembers()) == 3 * 300  # cls, json, png
     monkeypatch.setattr(images.ArrayImage, "encode", encode)
-    summary = make(out, "--source", "digits", "--shard-size", "300")  # resumes: no index, so nothing to protect
+    summary = make(out, "digits", shard_size=300)  # resumes: no index, so nothing to protect
     assert summary["splits"]["train"] == {"status": "written", "samples": 901, "classes": 5, "shards": 4, "skipped": 0}
 
 
 def test_samples_are_laid_out_in_shuffled_same_class_runs(tmp_path):
     """Every full shard mixes classes (each rank and shuffle buffer sees many), in runs of <= 4 of one class."""
-    make(tmp_path, "--source", "digits", "--shard-size", "100")
+    make(tmp_path, "digits", shard_size=100)
     labels = []
     for shard in sorted((tmp_path / "train").glob("*.tar")):
         with tarfile.open(shard) as tar:

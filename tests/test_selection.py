@@ -4,7 +4,6 @@ with a validation split of training classes."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -89,10 +88,7 @@ def test_bad_selection_config(overrides, message, monkeypatch):
 def digits_val(tmp_path_factory) -> Path:
     """digits: train 4 classes, val 1 class (of the 5 training classes), test 5 classes."""
     out = tmp_path_factory.mktemp("digits-val")
-    parser = argparse.ArgumentParser()
-    shards.add_arguments(parser)
-    shards.run(parser.parse_args(["--source", "digits", "--out", str(out), "--shard-size", "100", "--workers", "1",
-                                  "--val-classes", "1"]))
+    shards.make_shards("digits", out, shard_size=100, workers=1, val_classes=1)
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import tarfile
 from pathlib import Path
@@ -12,20 +11,15 @@ import torch
 from fake_files import fake_cub
 
 from rct_dist.data.loader import ShardIndex, make_loader
-from rct_dist.data.shards import add_arguments, make_shards, run
+from rct_dist import cli
+from rct_dist.data.shards import make_shards
 from rct_dist.data.shards.plan import Listing, hold_out
 
 PACKED = Path(__file__).resolve().parents[1] / "rct_dist" / "demo_data"  # holds omniglot28.npz
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser
-
-
-def make(out: Path, *argv: str) -> dict:
-    return run(parser().parse_args(["--out", str(out), "--workers", "1", *argv]))
+def make(out: Path, source: str, **keywords) -> dict:
+    return make_shards(source, out, **{"workers": 1, **keywords})
 
 
 def read_split(split_dir: Path) -> tuple[dict, dict[str, tuple[int, dict]]]:
@@ -62,8 +56,8 @@ def sources_by_class(samples: dict[str, tuple[int, dict]]) -> dict[str, set[str]
 
 
 def test_digits_val_split_partitions_the_training_classes(tmp_path):
-    whole = make(tmp_path / "whole", "--source", "digits", "--shard-size", "200")
-    summary = make(tmp_path / "out", "--source", "digits", "--shard-size", "200", "--val-classes", "2")
+    whole = make(tmp_path / "whole", "digits", shard_size=200)
+    summary = make(tmp_path / "out", "digits", shard_size=200, val_classes=2)
     assert list(summary["splits"]) == ["train", "test", "val"] and list(whole["splits"]) == ["train", "test"]
     assert {s: v["classes"] for s, v in summary["splits"].items()} == {"train": 3, "test": 5, "val": 2}
     assert summary["splits"]["train"]["samples"] + summary["splits"]["val"]["samples"] == 901
@@ -89,8 +83,8 @@ def test_digits_val_split_partitions_the_training_classes(tmp_path):
 
 @pytest.mark.skipif(not (PACKED / "omniglot28.npz").is_file(), reason=f"omniglot28.npz not found in {PACKED}")
 def test_omniglot_val_after_limit_classes_seeded_and_readable(tmp_path):
-    base = ("--source", "omniglot", "--root", str(PACKED), "--limit-classes", "12", "--shard-size", "40")
-    summary = make(tmp_path / "a", *base, "--val-classes", "4", "--val-split", "dev")
+    base = {"source": "omniglot", "root": PACKED, "limit_classes": 12, "shard_size": 40}
+    summary = make(tmp_path / "a", **base, val_classes=4, val_split="dev")
     counts = {s: (v["samples"], v["classes"]) for s, v in summary["splits"].items()}
     assert counts == {"train": (160, 8), "test": (240, 12), "dev": (80, 4)}
     first = [f"background/{c:04d}" for c in range(12)]  # the train (background) classes --limit-classes keeps
@@ -103,11 +97,11 @@ def test_omniglot_val_after_limit_classes_seeded_and_readable(tmp_path):
     assert not (tmp_path / "a" / "val").exists()
 
     # Deterministic: the same seed gives the same classes and identical bytes; another seed other classes.
-    make(tmp_path / "b", *base, "--val-classes", "4", "--val-split", "dev", "--workers", "2")
+    make(tmp_path / "b", **base, val_classes=4, val_split="dev", workers=2)
     for split in ("train", "dev", "test"):
         for name in json.loads((tmp_path / "a" / split / "index.json").read_text())["shards"]:
             assert (tmp_path / "a" / split / name).read_bytes() == (tmp_path / "b" / split / name).read_bytes()
-    make(tmp_path / "c", *base, "--val-classes", "4", "--val-split", "dev", "--val-seed", "1")
+    make(tmp_path / "c", **base, val_classes=4, val_split="dev", val_seed=1)
     other = json.loads((tmp_path / "c" / "dev" / "index.json").read_text())["class_names"]
     assert len(other) == 4 and other != dev["class_names"] and set(other) <= set(first)
 
@@ -150,50 +144,50 @@ def test_cub_and_keyword_function(tmp_path):
     }
     names = [check_split(tmp_path / "out", s)[0]["class_names"] for s in ("train", "val")]
     assert sorted(names[0] + names[1]) == ["099.Bird_99", "100.Bird_100"]
-    again = make(tmp_path / "out", "--source", "cub", "--root", str(tmp_path / "cub"), "--val-classes", "1")
+    again = make(tmp_path / "out", "cub", root=tmp_path / "cub", val_classes=1)
     assert {v["status"] for v in again["splits"].values()} == {"already done"}
 
 
 def test_other_val_arguments_need_overwrite_and_stale_val_splits_go(tmp_path):
-    out, args = tmp_path / "out", ("--source", "digits", "--shard-size", "300")
-    make(out, *args, "--val-classes", "2")
-    for other in (("--val-classes", "1"), ("--val-classes", "2", "--val-seed", "5"), ()):
+    out, args = tmp_path / "out", {"source": "digits", "shard_size": 300}
+    make(out, **args, val_classes=2)
+    for other in ({"val_classes": 1}, {"val_classes": 2, "val_seed": 5}, {}):
         with pytest.raises(FileExistsError, match="--overwrite"):
-            make(out, *args, *other)
+            make(out, **args, **other)
     assert json.loads((out / "val" / "index.json").read_text())["classes"] == 2
     # Renamed: the old "val" split would stay beside the new train, its classes possibly in it; --overwrite removes it.
-    summary = make(out, *args, "--val-classes", "2", "--val-split", "dev", "--overwrite")
+    summary = make(out, **args, val_classes=2, val_split="dev", overwrite=True)
     assert list(summary["splits"]) == ["train", "test", "dev"]
     assert sorted(p.name for p in out.iterdir()) == ["dev", "test", "train"]
     with pytest.raises(FileExistsError, match=r"out/dev: validation split\(s\) this run would leave behind"):
-        make(out, *args)
+        make(out, **args)
     assert (out / "dev" / "index.json").is_file()
-    summary = make(out, *args, "--overwrite")
+    summary = make(out, **args, overwrite=True)
     assert list(summary["splits"]) == ["train", "test"] and summary["splits"]["train"]["classes"] == 5
     assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "keywords, message",
     [
-        (("--val-classes", "5"), r"validation split larger than the training classes \(5 >= 5 training classes\)"),
-        (("--limit-classes", "3", "--val-classes", "3"),
+        ({"val_classes": 5}, r"validation split larger than the training classes \(5 >= 5 training classes\)"),
+        ({"limit_classes": 3, "val_classes": 3},
          r"larger than the training classes \(3 >= 3 training classes, after --limit-classes 3\)"),
-        (("--val-classes", "2", "--val-split", "test"), "--val-split test: this run already writes"),
-        (("--val-classes", "2", "--val-split", "train"), "--val-split train: this run already writes"),
-        (("--val-classes", "2", "--val-split", "a/b"), "--val-split 'a/b': use letters"),
-        (("--val-seed", "3"), "only with --val-classes"),
+        ({"val_classes": 2, "val_split": "test"}, "--val-split test: this run already writes"),
+        ({"val_classes": 2, "val_split": "train"}, "--val-split train: this run already writes"),
+        ({"val_classes": 2, "val_split": "a/b"}, "--val-split 'a/b': use letters"),
+        ({"val_seed": 3}, "only with --val-classes"),
     ],
 )
-def test_bad_val_arguments_are_refused_before_writing(tmp_path, argv, message):
+def test_bad_val_arguments_are_refused_before_writing(tmp_path, keywords, message):
     with pytest.raises(ValueError, match=message):
-        make(tmp_path / "out", "--source", "digits", *argv)
+        make(tmp_path / "out", "digits", **keywords)
     assert not (tmp_path / "out").exists()
 
 
 def test_val_classes_below_one_and_no_train_split(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        parser().parse_args(["--source", "digits", "--out", str(tmp_path), "--val-classes", "0"])
+        cli.main(["make-shards", "--source", "digits", "--out", str(tmp_path), "--val-classes", "0"])
     assert "--val-classes: expected an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--val-classes must be an integer >= 1, got 0"):
         make_shards("digits", tmp_path / "out", val_classes=0)
@@ -204,7 +198,9 @@ def test_val_classes_below_one_and_no_train_split(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_help_explains_the_order_with_limit_classes():
-    text = " ".join(parser().format_help().split())
+def test_help_explains_the_order_with_limit_classes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["make-shards", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
     assert "--limit-classes 100 --val-classes 20 gives 80 train + 20 val classes" in text
     assert "--val-split NAME" in text and "--val-seed SEED" in text

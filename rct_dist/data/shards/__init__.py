@@ -6,11 +6,13 @@ a third split, `--val-split` (default `val`), for checkpoint selection and early
 classes are disjoint, and each split's labels are 0..C-1 in its own class order.
 Unreadable images are skipped, logged and listed under "skipped" in the index and the summary, rather than
 failing a long run on one bad file; a split where every image is unreadable is an error.
+
+From Python: `make_shards(source, out, **keywords)`, or `run(ShardOptions(...))`; the command line
+(rct_dist/cli.py) parses its flags into a `ShardOptions`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -32,9 +34,9 @@ from rct_dist.data.shards.writer import (
     write_split,
 )
 
-__all__ = ["SOURCES", "add_arguments", "make_shards", "run"]
+__all__ = ["SOURCES", "ShardOptions", "make_shards", "run"]
 
-SOURCES: dict[str, Callable[[argparse.Namespace], list[Listing]]] = {
+SOURCES: dict[str, Callable[["ShardOptions"], list[Listing]]] = {
     "folder": folder,
     "cub": cub,
     "cars": cars,
@@ -47,41 +49,6 @@ VAL_SPLIT = "val"
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name and the prefix of the samples' keys
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the `make-shards` subcommand."""
-    parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="dataset layout to read")
-    parser.add_argument("--root", type=Path, help="dataset folder (not needed for digits)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder; one subfolder per split")
-    parser.add_argument(
-        "--split-classes", choices=("half", "none"), default="half",
-        help="folder source: first half of the sorted classes -> train, second half -> test; or one split",
-    )
-    parser.add_argument("--split", default="train", help="folder source with --split-classes none: the split name")
-    parser.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard")
-    parser.add_argument("--limit-classes", type=positive_int, help="keep the first N classes per split (quick runs)")
-    parser.add_argument(
-        "--val-classes", type=positive_int, metavar="K",
-        help="move K of the training classes, a seeded random choice, into a validation split with classes "
-        "disjoint from train and test (for checkpoint selection and early stopping); applied after "
-        "--limit-classes: --limit-classes 100 --val-classes 20 gives 80 train + 20 val classes",
-    )
-    parser.add_argument(
-        "--val-split", metavar="NAME", help=f"with --val-classes: the validation split's name (default {VAL_SPLIT})"
-    )
-    parser.add_argument(
-        "--val-seed", type=int, metavar="SEED", help="with --val-classes: seed of the choice of classes (default 0)"
-    )
-    parser.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, help="writer processes")
-    parser.add_argument("--overwrite", action="store_true", help="replace splits made with different arguments")
-
-
 @dataclass(frozen=True)
 class Validation:
     classes: int
@@ -89,43 +56,85 @@ class Validation:
     seed: int
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """What the parser checks, again for callers that build the Namespace themselves (see `make_shards`)."""
-    if args.source not in SOURCES:
-        raise ValueError(f"unknown source {args.source!r}: choose one of {', '.join(sorted(SOURCES))}")
+@dataclass(frozen=True)
+class ShardOptions:
+    """The options of `rct-dist make-shards` (field = flag without the dashes, `-` as `_`), checked when made:
+    a bad value raises ValueError naming the option. `out` and `root` take a str or a Path (kept as Path)."""
+
+    source: str
+    out: Path
+    root: Path | None = None
+    split_classes: str = "half"  # folder source: "half" (train/test by class halves) or "none" (one split)
+    split: str = "train"  # folder source with split_classes "none": the split's name
+    shard_size: int = 1000
+    limit_classes: int | None = None
+    val_classes: int | None = None
+    val_split: str | None = None  # default VAL_SPLIT, with val_classes only
+    val_seed: int | None = None  # default 0, with val_classes only
+    workers: int = DEFAULT_WORKERS
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("out", "root"):
+            value = getattr(self, name)
+            if value is None and name == "root":
+                continue
+            if not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"--{name} must be a path, got {value!r}")
+            object.__setattr__(self, name, Path(value))
+        check_args(self)
+        validation(self)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_args(options: ShardOptions) -> None:
+    """Each option's type and range (what the command line's parser checks for its flags)."""
+    if options.source not in SOURCES:
+        raise ValueError(
+            f"argument --source: invalid choice: {options.source!r} (choose from {', '.join(sorted(SOURCES))})"
+        )
     for name in ("shard_size", "workers", "limit_classes"):
-        value = getattr(args, name)
-        if not (value is None and name == "limit_classes") and (not isinstance(value, int) or value < 1):
+        value = getattr(options, name)
+        if not (value is None and name == "limit_classes") and (not _is_int(value) or value < 1):
             raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-    if getattr(args, "split_classes", "half") not in ("half", "none"):
-        raise ValueError(f"--split-classes must be half or none, got {args.split_classes!r}")
+    if options.split_classes not in ("half", "none"):
+        raise ValueError(f"--split-classes must be half or none, got {options.split_classes!r}")
+    if not isinstance(options.split, str):
+        raise ValueError(f"--split must be a string, got {options.split!r}")
+    if options.val_seed is not None and not _is_int(options.val_seed):
+        raise ValueError(f"--val-seed must be an integer, got {options.val_seed!r}")
+    if not isinstance(options.overwrite, bool):
+        raise ValueError(f"--overwrite must be True or False, got {options.overwrite!r}")
 
 
-def validation(args: argparse.Namespace) -> Validation | None:
+def validation(options: ShardOptions) -> Validation | None:
     """The validation split asked for, checked before anything is read; None without --val-classes."""
-    classes, split, seed = (getattr(args, name, None) for name in ("val_classes", "val_split", "val_seed"))
+    classes, split, seed = options.val_classes, options.val_split, options.val_seed
     if classes is None:
         if split is not None or seed is not None:
             raise ValueError("--val-split and --val-seed apply only with --val-classes K")
         return None
-    if not isinstance(classes, int) or classes < 1:
+    if not _is_int(classes) or classes < 1:
         raise ValueError(f"--val-classes must be an integer >= 1, got {classes!r}")
     split = VAL_SPLIT if split is None else split
     if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):
         raise ValueError(f"--val-split {split!r}: use letters, digits, '_' and '-' (it names the split's folder)")
-    splits = split_names(args)
+    splits = split_names(options)
     if "train" not in splits:
         raise ValueError(
             "--val-classes takes its classes from the train split, but this run writes only "
             + ", ".join(map(repr, splits))
-            + (" (use --split train or --split-classes half)" if args.source == "folder" else "")
+            + (" (use --split train or --split-classes half)" if options.source == "folder" else "")
         )
     if split in splits:
         raise ValueError(f"--val-split {split}: this run already writes a split of that name ({', '.join(splits)})")
     return Validation(classes, split, 0 if seed is None else int(seed))
 
 
-def recorded_args(args: argparse.Namespace) -> dict:
+def recorded_args(args: ShardOptions) -> dict:
     """The arguments that determine the shards' content; a finished split is reused only if they match."""
     record = {
         "source": args.source,
@@ -176,9 +185,10 @@ def stale_val_splits(out: Path, dirs: dict[str, Path]) -> dict[Path, str]:
     return stale
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: ShardOptions) -> dict:
     """Write every split not already finished with the same arguments; return a summary per split."""
-    check_args(args)
+    if not isinstance(args, ShardOptions):
+        raise TypeError(f"run takes a ShardOptions (see make_shards for keywords), got {type(args).__name__}")
     val = validation(args)
     record = recorded_args(args)
     dirs = {split: args.out / split for split in [*split_names(args), *([val.split] if val else [])]}
@@ -217,27 +227,9 @@ def run(args: argparse.Namespace) -> dict:
     return {"out": str(args.out), "source": args.source, "splits": {s: splits[s] for s in dirs if s in splits}}
 
 
-def make_shards(
-    source: str,
-    out: str | Path,
-    *,
-    root: str | Path | None = None,
-    limit_classes: int | None = None,
-    val_classes: int | None = None,
-    val_split: str | None = None,
-    val_seed: int | None = None,
-    split_classes: str = "half",
-    split: str = "train",
-    shard_size: int = 1000,
-    workers: int = DEFAULT_WORKERS,
-    overwrite: bool = False,
-) -> dict:
-    """`rct-dist make-shards` without a parser: the keywords are its options (`val_split` defaults to "val" and
-    `val_seed` to 0, both with `val_classes` only). Returns `run`'s summary; bad values raise ValueError."""
-    return run(
-        argparse.Namespace(
-            source=source, out=Path(out), root=None if root is None else Path(root), limit_classes=limit_classes,
-            val_classes=val_classes, val_split=val_split, val_seed=val_seed, split_classes=split_classes,
-            split=split, shard_size=shard_size, workers=workers, overwrite=overwrite,
-        )
-    )
+def make_shards(source: str, out: str | Path, **keywords) -> dict:
+    """`rct-dist make-shards` from Python: the keywords are `ShardOptions`' fields, the command's options
+    (`root`, `limit_classes`, `val_classes`, `val_split` (default "val") and `val_seed` (default 0) with
+    `val_classes` only, `split_classes`, `split`, `shard_size`, `workers`, `overwrite`). Returns `run`'s
+    summary; bad values raise ValueError."""
+    return run(ShardOptions(source=source, out=out, **keywords))

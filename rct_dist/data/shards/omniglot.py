@@ -10,9 +10,9 @@ win, because they need no re-encoding, then the full-size repack, then the packe
 
 from __future__ import annotations
 
-import argparse
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,12 +20,15 @@ from rct_dist.data.shards.images import ArrayImage, ZipImage
 from rct_dist.data.shards.plan import Listing
 from rct_dist.data.shards.sources import existing_dir
 
+if TYPE_CHECKING:
+    from rct_dist.data.shards import ShardOptions
+
 PARTS = (("train", "images_background"), ("test", "images_evaluation"))
 PACKED_NAME = "omniglot28.npz"
 PACKED_PARTS = (("train", "background"), ("test", "evaluation"))
 
 
-def omniglot(args: argparse.Namespace) -> list[Listing]:
+def omniglot(args: ShardOptions) -> list[Listing]:
     root = existing_dir(args.root, "omniglot")
     for suffix, read in ((".zip", from_zip), (".npz", from_npz)):
         files = [root / f"{stem}{suffix}" for _, stem in PARTS]

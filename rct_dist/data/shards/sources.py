@@ -6,15 +6,18 @@ own train/test files, folders by the first / second half of the sorted class fol
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.io
 
 from rct_dist.data.shards.images import ArrayImage, FileImage
 from rct_dist.data.shards.plan import Listing
+
+if TYPE_CHECKING:
+    from rct_dist.data.shards import ShardOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +66,14 @@ def split_at(boundary: int, names: dict[int, str], records: list[tuple[int, str,
     ]
 
 
-def split_names(args: argparse.Namespace) -> list[str]:
+def split_names(args: ShardOptions) -> list[str]:
     """The splits a run writes, known before reading the source so finished runs are skipped cheaply."""
     if args.source == "folder" and args.split_classes == "none":
         return [args.split]
     return ["train", "test"]
 
 
-def folder(args: argparse.Namespace) -> list[Listing]:
+def folder(args: ShardOptions) -> list[Listing]:
     """One subfolder per class (ImageNet / CUB images/ layout); files found recursively by extension."""
     root = existing_dir(args.root, "folder")
     found = {
@@ -101,7 +104,7 @@ def folder(args: argparse.Namespace) -> list[Listing]:
     ]
 
 
-def cub(args: argparse.Namespace) -> list[Listing]:
+def cub(args: ShardOptions) -> list[Listing]:
     """CUB_200_2011: images.txt (id path), image_class_labels.txt (id class), classes.txt (class name)."""
     root = existing_dir(args.root, "cub")
     paths = dict(rows(metadata(root, "images.txt", "cub")))
@@ -113,7 +116,7 @@ def cub(args: argparse.Namespace) -> list[Listing]:
     return split_at(CUB_TRAIN_CLASSES, names, records)
 
 
-def cars(args: argparse.Namespace) -> list[Listing]:
+def cars(args: ShardOptions) -> list[Listing]:
     """Cars-196: cars_annos.mat with `annotations` (relative_im_path, class) and optional `class_names`."""
     root = existing_dir(args.root, "cars")
     mat = scipy.io.loadmat(metadata(root, "cars_annos.mat", "cars"), squeeze_me=True)
@@ -127,7 +130,7 @@ def cars(args: argparse.Namespace) -> list[Listing]:
     return split_at(CARS_TRAIN_CLASSES, names, records)
 
 
-def sop(args: argparse.Namespace) -> list[Listing]:
+def sop(args: ShardOptions) -> list[Listing]:
     """Stanford Online Products: Ebay_train.txt / Ebay_test.txt (image_id class_id super_class_id path)."""
     root = existing_dir(args.root, "sop")
     result = []
@@ -139,7 +142,7 @@ def sop(args: argparse.Namespace) -> list[Listing]:
     return result
 
 
-def digits(args: argparse.Namespace) -> list[Listing]:
+def digits(args: ShardOptions) -> list[Listing]:
     """scikit-learn's bundled 8x8 digits (offline): 0-4 train, 5-9 test, gray levels 0-16 scaled to 0-255."""
     from sklearn.datasets import load_digits
 
