@@ -94,11 +94,14 @@ MOVED = {
 Rule = Callable[[Any], "str | None"]
 
 
-def checked(default: Any = dataclasses.MISSING, *rules: Rule, factory: Callable[[], Any] | None = None) -> Any:
-    """A dataclass field whose value must pass `rules` at load (`factory`: a default_factory instead)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"rules": rules})
+def checked(default: Any, *rules: Rule) -> Any:
+    """A dataclass field with `default` whose value must pass `rules` at load."""
     return field(default=default, metadata={"rules": rules})
+
+
+def checked_list(factory: Callable[[], list], *rules: Rule) -> Any:
+    """`checked` for a list default (a new list for every instance)."""
+    return field(default_factory=factory, metadata={"rules": rules})
 
 
 def positive(value: Any) -> str | None:
@@ -119,7 +122,6 @@ def one_of(*choices: str, nullable: bool = False) -> Rule:
         return (f"must be {'null or ' if nullable else ''}one of {', '.join(choices)}, got {value!r}"
                 f"{_close(value, choices) if isinstance(value, str) else ''}")
 
-    rule.choices = choices  # type: ignore[attr-defined]
     return rule
 
 
@@ -203,7 +205,7 @@ class DataConfig:
     image_size: int = checked(224, positive)
     views: int = checked(2, positive)
     pk: list[int] | None = checked(None, batch_shape)  # [P, K]: class-balanced batches of P classes x K images
-    crop_scale: list[float] = checked(None, area_range, factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range (train)
+    crop_scale: list[float] = checked_list(lambda: [0.08, 1.0], area_range)  # RandomResizedCrop area range (train)
     hflip: float = checked(0.5, probability)  # horizontal flip probability (train)
     batch_size: int = checked(180, positive)  # images per rank per micro-step, views not counted
     workers: int = checked(4, non_negative)
@@ -330,7 +332,7 @@ class DeepSpeedConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = checked(1, positive)  # the last epoch is always evaluated
-    ks: list[int] = checked(None, recall_ks, factory=lambda: [1, 2, 4, 8])
+    ks: list[int] = checked_list(lambda: [1, 2, 4, 8], recall_ks)
     metric: str = checked("euclidean", one_of(*METRICS))
     batch_size: int = checked(256, positive)
     select: str = checked("auto", one_of(*SELECTIONS))  # the model a run exports and reports: auto (val if data.val_split, else last), last, val, test

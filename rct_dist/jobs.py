@@ -247,7 +247,11 @@ def student_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> Embedding
     """
     model = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None)
     proxies = state.get("criterion.proxies")
-    task = build_task(dataclasses.replace(cfg, model=model), len(proxies) if proxies is not None else 1)
+    # The regression loss's map is sized by the teacher's width, which the checkpoint holds whatever the teacher
+    # source (a shards teacher's width is in the shards, not in the config).
+    regression_map = state.get("transfer.map.weight")
+    task = build_task(dataclasses.replace(cfg, model=model), len(proxies) if proxies is not None else 1,
+                      regression_map.shape[0] if regression_map is not None else None)
     task.load_state_dict(state)
     return task.net
 

@@ -472,3 +472,18 @@ def test_readme_lists_every_loss_option_with_its_default():
     block = re.search(r"```yaml\n(loss:\n.*?)```", readme, re.S)
     assert block, "README.md: no ```yaml block of the loss section"
     assert yaml.safe_load(block.group(1))["loss"] == dataclasses.asdict(LossConfig())
+
+
+def test_export_rebuilds_a_regression_student_whatever_the_teacher_width():
+    """teacher.embedding_size has no effect with teacher.source shards: the export sizes the regression map
+    from the checkpoint, not from the config."""
+    import torch
+
+    from rct_dist.jobs import student_from_state
+    from rct_dist.train.build import build_task
+
+    cfg = load_config(None, ["loss.name=regression", "teacher.source=shards", *SMALL])
+    trained = build_task(cfg, num_classes=5, teacher_size=24)  # the shards' teacher: 24-d, not the default 512
+    net = student_from_state(cfg, trained.state_dict())
+    for key, value in trained.net.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=0)
