@@ -209,10 +209,10 @@ def check_train(cfg: Config, world: int | None = None) -> dict[str, Any]:
             raise ConfigError("data.decode: gpu decodes JPEGs with CUDA, but torch sees no CUDA device here: "
                               "use data.decode=cpu")
     if cfg.job == "transfer" and cfg.loss.name == "rc" and cfg.loss.rc.kernel == "triton":
-        from rct_dist.losses.relaxed_contrastive import _check_triton
+        from rct_dist.losses.relaxed_contrastive import check_triton
 
         try:
-            _check_triton(cfg.loss.rc.chunk_size)
+            check_triton(cfg.loss.rc.chunk_size)
         except (ValueError, RuntimeError) as error:
             raise ConfigError(f"loss.rc.kernel triton: {error}") from None
     train = check_data(cfg, world)

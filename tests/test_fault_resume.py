@@ -339,3 +339,20 @@ def test_steps_are_optimizer_steps_with_gradient_accumulation(digits_shards, tmp
     assert [e.step for e in events.Scalars("loss/total")] == [5, 10, 15, 20]
     lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     assert {r["step"] for r in lines} == {22}
+
+
+def test_checkpoint_with_other_parameter_groups_is_refused_clearly(digits_shards, tmp_path, monkeypatch):
+    """A checkpoint of an earlier version (every parameter in one decayed group) cannot resume: the error says
+    why and what still works."""
+    from rct_dist.config import load_config
+    from rct_dist.train import engine as engine_module
+    from rct_dist.train.loop import train
+
+    config = _config(tmp_path, "groups", digits_shards)
+    current = engine_module.param_groups
+    monkeypatch.setattr(engine_module, "param_groups", lambda module, lr, *a, **k: [
+        {"name": "new", "params": [p for p in module.parameters() if p.requires_grad], "lr": lr}])
+    train(load_config(str(config), ["optim.epochs=1"]))
+    monkeypatch.setattr(engine_module, "param_groups", current)
+    with pytest.raises(RuntimeError, match="other parameter groups than this version builds.*cannot resume"):
+        train(load_config(str(config), ["run.resume=auto", "optim.epochs=2"]))

@@ -23,7 +23,8 @@ parameters after 2 steps at world 1, all of it in such entries). SGD's step is l
 gradient, so equal gradients give equal parameters, to rounding.
 
 World 8 runs only with RCT_TEST_WORLD8=1 (8 processes take minutes on 2 cores). There, ZeRO 2 with an
-empty rank is a known, strict expected failure (WORLD8_EMPTY_RANK); ZeRO 1 on the same batch passes.
+empty rank is a known, strict expected failure (WORLD8_EMPTY_RANK; at 4 ranks EMPTY_RANK_ZERO2, the
+other empty-rank cases run ZeRO 1); ZeRO 1 on the same batch passes.
 
 DeepSpeed's ZeRO optimizers take fp32 (or bf16/fp16) parameters, not float64, so this runs in fp32 and
 compares norm-wise with the same 1e-5 tolerance as tests/test_distributed_loss.py.
@@ -172,10 +173,18 @@ CASES = {
     "w2-equal": ([3, 3], False, None),
     "w2-train-bn": ([4, 2], True, None),
     "w4-equal": ([2, 2, 2, 2], False, None),
-    "w4-unequal-empty": ([7, 5, 0, 3], False, None),
-    "w4-unequal-empty-tiled": ([7, 5, 0, 3], False, 4),
-    "w4-unequal-empty-train-bn": ([7, 5, 0, 3], True, None),
+    # An empty rank under ZeRO 1 (ZeRO 2: EMPTY_RANK_ZERO2 below)
+    "w4-unequal-empty": ([7, 5, 0, 3], False, None, "zero1_fp32"),
+    "w4-unequal-empty-tiled": ([7, 5, 0, 3], False, 4, "zero1_fp32"),
+    "w4-unequal-empty-train-bn": ([7, 5, 0, 3], True, None, "zero1_fp32"),
+    "w4-unequal-empty-zero2": ([7, 5, 0, 3], False, None),
 }
+EMPTY_RANK_ZERO2 = (
+    "DeepSpeed ZeRO 2 with an empty rank: autograd hands BatchNorm's weight and bias gradients over in another "
+    "order on the rank with no rows, and ZeRO 2 assumes every rank's order is the same (DeepSpeed issue 2343); "
+    "with weight decay groups split by timm's rule those parameters fall in the empty rank's partition at 4 ranks. "
+    "The trainer's loader never gives a rank an empty batch; ZeRO 0 and 1 are exact here."
+)
 WORLD8 = {
     "w8-unequal": ([3, 1, 1, 2, 4, 1, 2, 2], False, None),
     "w8-unequal-empty": ([3, 1, 0, 2, 4, 1, 2, 2], False, None),
@@ -195,9 +204,12 @@ def ranks_of(case_id: str) -> list[dict]:
     return _runs[world][case_id]
 
 
-@pytest.mark.parametrize("case_id", list(CASES))
+@pytest.mark.parametrize("case_id", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=EMPTY_RANK_ZERO2)) if c == "w4-unequal-empty-zero2" else c
+    for c in CASES
+])
 def test_engine_matches_one_process(case_id: str) -> None:
-    counts, train_mode, chunk_size = CASES[case_id]
+    counts, train_mode, chunk_size, *_ = CASES[case_id]
     assert_matches(ranks_of(case_id), reference(counts, train_mode, chunk_size))
 
 

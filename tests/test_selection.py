@@ -64,9 +64,12 @@ def test_parameter_groups_are_named(monkeypatch):
     cfg = load_config("omniglot/teacher", ["model.backbone=rct_cnn3_small", "model.embedding_size=8"])
     task = build_task(cfg, num_classes=7)
     groups = {g["name"]: g for g in param_groups(task, lr=1e-3, criterion_lr_multiplier=100)}
-    assert set(groups) == {"backbone", "new", "proxies"}
-    assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in task.net.backbone.parameters()}
-    assert {id(p) for p in groups["new"]["params"]} == {id(p) for p in task.net.head.parameters()}
+    assert set(groups) == {"backbone", "backbone_no_decay", "new", "new_no_decay", "proxies"}
+
+    def ids(*names):
+        return {id(p) for name in names for p in groups[name]["params"]}
+    assert ids("backbone", "backbone_no_decay") == {id(p) for p in task.net.backbone.parameters()}
+    assert ids("new", "new_no_decay") == {id(p) for p in task.net.head.parameters()}
     assert groups["proxies"]["lr"] == pytest.approx(0.1) and groups["new"]["lr"] == 1e-3
 
 

@@ -82,7 +82,7 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if kernel == "triton":
-            _check_triton(chunk_size)
+            check_triton(chunk_size)
         self.sigma = sigma
         self.delta = delta
         self.normalize_student = normalize_student
@@ -133,7 +133,7 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
         return _fused_module()
 
 
-def _check_triton(chunk_size: int | None) -> None:
+def check_triton(chunk_size: int | None) -> None:
     """`kernel="triton"` needs Triton and either CUDA or Triton's interpreter: fail early and clearly."""
     if chunk_size == 0:
         raise ValueError('chunk_size=0 asks for the untiled torch loss, which kernel="triton" never runs; '

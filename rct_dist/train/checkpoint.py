@@ -186,7 +186,14 @@ def load(engine, tag_folder: Path, universal: bool = False) -> dict[str, Any]:
         try:
             path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name)
         except Exception as exn:
-            if "world size" not in str(exn):
+            text = str(exn)
+            if "parameter groups" in text or "parameter-alignment" in text or "param_groups" in text:
+                raise RuntimeError(f"{tag_folder} holds optimizer state for other parameter groups than this "
+                                   "version builds (an earlier rct-dist decayed every parameter; biases and 1-D "
+                                   "parameters now have their own groups): its weights still export and evaluate "
+                                   "(rct-dist export --checkpoint), but training cannot resume from it; start a new "
+                                   f"run ({text.splitlines()[0][:200]})") from None
+            if "world size" not in text:
                 raise
             raise RuntimeError(f"{tag_folder} was saved by {saved_world(tag_folder) or 'another number of'} ranks "
                                f"and its ZeRO optimizer state is partitioned per rank: resume it on that many "
