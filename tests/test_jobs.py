@@ -16,7 +16,8 @@ from rct_dist.config import load_config
 from rct_dist.data.loader import ShardIndex, make_loader
 from rct_dist.jobs import run_embed, run_eval
 from rct_dist.models import load_exported
-from rct_dist.train.loop import _views_flat, train
+from rct_dist.train.feed import views_flat
+from rct_dist.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -103,6 +104,6 @@ def test_embed_into_shards_then_transfer_and_export(teacher, digits_shards, tmp_
 
 def test_views_share_their_image_stored_teacher_embedding():
     images, labels, teacher = torch.randn(3, 2, 3, 4, 4), torch.arange(3), torch.randn(3, 5)
-    flat, flat_labels, flat_teacher = _views_flat(images, labels, teacher)
+    flat, flat_labels, flat_teacher = views_flat(images, labels, teacher)
     assert flat.shape == (6, 3, 4, 4) and flat_labels.tolist() == [0, 0, 1, 1, 2, 2]
     torch.testing.assert_close(flat_teacher, teacher[[0, 0, 1, 1, 2, 2]], rtol=0, atol=0)

@@ -3,7 +3,7 @@
 What the training loop builds (`build_task` from a run config: the student and the RC transfer loss in
 one module; `deepspeed_config` + `build_engine`: ZeRO 2, fp32, torch AdamW with warmup + cosine and
 gradient clipping) is run on W gloo ranks, each fed its slice of a global batch of (image, 2 views)
-through `_views_flat`, as the loop feeds it. Against one plain PyTorch process on the whole batch (the
+through `views_flat`, as the loop feeds it. Against one plain PyTorch process on the whole batch (the
 same optimizer, schedule and clipping written out by hand), every rank must report the same loss and
 hold the same full parameter gradient before each step and the same parameters after it.
 
@@ -41,7 +41,8 @@ from multiprocess import run_ranks
 from rct_dist.config import load_config
 from rct_dist.train import engine as engine_module
 from rct_dist.train.engine import build_engine, deepspeed_config, warmup_cosine
-from rct_dist.train.loop import _views_flat, build_task
+from rct_dist.train.feed import views_flat
+from rct_dist.train.loop import build_task
 from rct_dist.train.nonfinite import NonFiniteGuard
 
 STEPS = 2
@@ -104,7 +105,7 @@ def reference(counts: list[int], train_mode: bool, chunk_size: int | None) -> di
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(WARMUP, TOTAL))
     record = {"losses": [], "grads": [], "params": []}
     for images, labels, teacher in make_batches(sum(counts)):
-        images, labels, teacher = _views_flat(images, labels, teacher)
+        images, labels, teacher = views_flat(images, labels, teacher)
         if train_mode:
             parts = [images[s] for s in slices([n * VIEWS for n in counts]) if s.stop > s.start]
             embeddings = torch.cat([task.net(x) for x in parts])
@@ -140,7 +141,7 @@ def engine_rank(rank: int, world: int, counts: list[int], train_mode: bool, chun
     mine = slices(counts)[rank]
     record = {"losses": [], "grads": [], "params": []}
     for images, labels, teacher in make_batches(sum(counts)):
-        images, labels, teacher = _views_flat(images[mine], labels[mine], teacher[mine])
+        images, labels, teacher = views_flat(images[mine], labels[mine], teacher[mine])
         loss, _, _ = engine(images, labels, teacher)
         engine.backward(loss)
         record["losses"].append(loss.detach().double().reshape(1))

@@ -25,13 +25,14 @@ from rct_dist.data.epoch_plan import step_seed
 from rct_dist.data.loader import ShardIndex, make_loader, sample_table
 from rct_dist.data.transforms import Preprocess, build_transform, preprocess_for, renormalization
 from rct_dist.distributed import world_rank, world_size
+from rct_dist.logs import setup_logging
 from rct_dist.eval import evaluate, extract_embeddings
 from rct_dist.models import export_model
 from rct_dist.train import checkpoint
 from rct_dist.train.build import build_task, build_teacher, teacher_dim
 from rct_dist.train.engine import (build_engine, deepspeed_config, init_distributed, nonfinite_guard, warmup_cosine,
                                   warmup_step_decay)
-from rct_dist.train.feed import DeviceFeed, prepare_models, views_flat
+from rct_dist.train.feed import DeviceFeed, prepare_models
 from rct_dist.train.monitor import Monitor, projector_sample
 from rct_dist.train.selection import Selection, resolve_select, summary
 from rct_dist.eval.retrieval_picture import ThumbnailCache, retrieval_picture
@@ -69,9 +70,6 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
         found = checkpoint.usable_checkpoints(run_dir / "checkpoints", warn=print if world_rank() == 0 else None)
         return found[-1][1] if found else None
     return Path(cfg.run.resume)
-
-
-_views_flat = views_flat  # (B, V, C, H, W) -> (B*V, C, H, W); its old name here
 
 
 class _Embedder(nn.Module):
@@ -182,6 +180,33 @@ def _epoch_skips(loader, device: torch.device) -> dict[str, int]:
     return skipped
 
 
+def restore_state(engine, start: Path | None, universal: bool, plan: dict[str, Any], monitor: Monitor, *,
+                  world: int, batch_size: int, accumulation: int, epoch_units: int) -> dict[str, Any]:
+    """The trainer's state, fresh or from the checkpoint `start` (engine, optimizer and schedule restored too).
+
+    epoch: epochs finished; samples: samples of the epoch's global sequence trained on; micro: micro-batches
+    trained on by each rank; step: optimizer steps (micro // accumulation: checkpoint tags, log.every_steps,
+    checkpoint.every_steps, TensorBoard's x axis); world: ranks when saved; plan: the data plan's inputs."""
+    state: dict[str, Any] = {"epoch": 0, "samples": 0, "micro": 0, "step": 0, "world": world, "plan": None,
+                             "selection": None, "nonfinite_steps": 0}
+    if start is not None:
+        saved = checkpoint.load(engine, start, universal=universal)
+        check_plan(saved.get("plan"), plan, start)
+        state.update({k: saved[k] for k in state if k in saved})
+        if "samples" not in saved:  # checkpoints of earlier versions: a batch count on the same world size
+            state["samples"] = saved.get("batch", 0) * world * batch_size
+            state["step"] = saved.get("step", state["epoch"] * (epoch_units // world) + saved.get("batch", 0))
+        if "micro" not in saved:  # earlier versions counted micro-batches as steps
+            state["micro"], state["step"] = state["step"], state["step"] // accumulation
+        if state["world"] != world:
+            done = state["epoch"] * epoch_units * batch_size + state["samples"]
+            rescale_schedule(engine, done // (world * batch_size * accumulation))
+            monitor.say(f"resuming a run of {state['world']} ranks on {world}: the same sample sequence continues "
+                        f"after {state['samples']} samples of epoch {state['epoch'] + 1}")
+        monitor.say(f"resumed from {start} at epoch {state['epoch'] + 1}, sample {state['samples']}")
+    return {**state, "world": world, "plan": plan}
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Run a teacher-training or transfer job to the end; returns on rank 0 the test metrics of the model
     it kept (`recall`, `map_at_r`; see selection.py), with `val` (its validation metrics or None), `final`
@@ -189,7 +214,6 @@ def train(cfg: Config) -> dict[str, Any]:
     init_distributed()
     rank, world = world_rank(), world_size()
     run_dir = prepare_run_dir(cfg)
-    from rct_dist.logs import setup_logging
     setup_logging(rank, run_dir / "train.log")  # rank 0: INFO on stderr and appended to train.log; others: WARNING
     monitor = Monitor(run_dir / "tensorboard", enabled=rank == 0, tensorboard=cfg.log.tensorboard,
                       results_file=run_dir / "results.jsonl")
@@ -225,7 +249,8 @@ def train(cfg: Config) -> dict[str, Any]:
     if universal:  # ZeRO's per-rank optimizer partitions, re-partitioned through DeepSpeed's universal format
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine = build_engine(task, ds_config, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps,
-                          total_steps, cfg.loss.proxy_anchor.lr_multiplier, schedule=_schedule(cfg, steps_per_epoch, total_steps),
+                          total_steps, cfg.loss.proxy_anchor.lr_multiplier,
+                          schedule=_schedule(cfg, steps_per_epoch, total_steps),
                           new_layers_only_steps=cfg.optim.warmup_epochs_new_layers * steps_per_epoch,
                           skip_nonfinite=cfg.optim.skip_nonfinite, max_nonfinite_steps=cfg.optim.max_nonfinite_steps)
     guard = nonfinite_guard(engine)
@@ -243,25 +268,8 @@ def train(cfg: Config) -> dict[str, Any]:
     # epoch: epochs finished; samples: samples of the epoch's global sequence trained on; micro: micro-batches
     # trained on by each rank; step: optimizer steps (micro // accumulation: checkpoint tags, log.every_steps,
     # checkpoint.every_steps, TensorBoard's x axis); world: ranks when saved.
-    state: dict[str, Any] = {"epoch": 0, "samples": 0, "micro": 0, "step": 0, "world": world, "plan": None,
-                             "selection": None, "nonfinite_steps": 0}
-    if start is not None:
-        saved = checkpoint.load(engine, start, universal=universal)
-        check_plan(saved.get("plan"), plan, start)
-        state.update({k: saved[k] for k in state if k in saved})
-        if "samples" not in saved:  # checkpoints of earlier versions: a batch count on the same world size
-            state["samples"] = saved.get("batch", 0) * world * cfg.data.batch_size
-            state["step"] = saved.get("step", state["epoch"] * batches_per_epoch + saved.get("batch", 0))
-        if "micro" not in saved:  # earlier versions counted micro-batches as steps
-            state["micro"], state["step"] = state["step"], state["step"] // accumulation
-        if state["world"] != world:
-            epoch_samples = first_epoch.plan.units * cfg.data.batch_size
-            done = state["epoch"] * epoch_samples + state["samples"]
-            rescale_schedule(engine, done // (world * cfg.data.batch_size * accumulation))
-            monitor.say(f"resuming a run of {state['world']} ranks on {world}: the same sample sequence continues "
-                        f"after {state['samples']} samples of epoch {state['epoch'] + 1}")
-        monitor.say(f"resumed from {start} at epoch {state['epoch'] + 1}, sample {state['samples']}")
-    state.update(world=world, plan=plan)
+    state = restore_state(engine, start, universal, plan, monitor, world=world, batch_size=cfg.data.batch_size,
+                          accumulation=accumulation, epoch_units=first_epoch.plan.units)
     guard.skipped_total = state["nonfinite_steps"]
     selection = Selection.restore(state["selection"], select, cfg.optim.early_stop_patience)
 
