@@ -1,1 +1,1 @@
-"""Data: webdataset shards written from real datasets, and the streaming loader that reads them."""
+"""Data: webdataset shards written from real datasets, and the loader that reads them by byte offset."""

@@ -1,4 +1,4 @@
-"""`make-shards`: convert a dataset into webdataset shards (format "rct-dist-shards/1") for the streaming loader.
+"""`make-shards`: convert a dataset into webdataset shards (format "rct-dist-shards/1") for the loader.
 
 Layout: `{out}/{split}/{split}-{i:06d}.tar` plus `{out}/{split}/index.json`, train and test with disjoint classes.
 `--val-classes K` moves K of the training classes (after `--limit-classes`; a choice seeded by `--val-seed`) into
