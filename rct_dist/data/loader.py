@@ -205,10 +205,10 @@ class EpochBatches(Dataset):
 
     def __init__(self, table: SampleTable, plan: EpochPlan, *, seed: int, epoch: int, train: bool,
                  transform: Callable[[Any], torch.Tensor], teacher_embeddings: bool, encoded: bool,
-                 image_size: int, bad_images: BadImageCounter) -> None:
+                 bad_images: BadImageCounter) -> None:
         self.table, self.plan, self.seed, self.epoch, self.train = table, plan, seed, epoch, train
         self.transform, self.teacher_embeddings, self.encoded = transform, teacher_embeddings, encoded
-        self.image_size, self.bad_images, self.files = image_size, bad_images, _Files()
+        self.bad_images, self.files = bad_images, _Files()
 
     def __len__(self) -> int:
         return self.plan.steps
@@ -350,7 +350,6 @@ def make_loader(
     bad_images = BadImageCounter(workers)
     dataset = EpochBatches(table, plan, seed=seed, epoch=epoch, train=train,
                            transform=Views(transform or build_transform(image_size, train), views),
-                           teacher_embeddings=teacher_embeddings, encoded=decode == "gpu", image_size=image_size,
-                           bad_images=bad_images)
+                           teacher_embeddings=teacher_embeddings, encoded=decode == "gpu", bad_images=bad_images)
     batches = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
     return ShardLoader(batches, plan, table, bad_images)
