@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from rct_dist.data.batch import Batch
 from rct_dist.data.epoch_plan import EpochPlan, augment_seed, plan_epoch
-from rct_dist.data.members import TEACHER_FIELD, SampleTable, build_table
+from rct_dist.data.members import TEACHER_FIELD, SampleTable, build_table, read_exact
 from rct_dist.data.transforms import build_transform
 from rct_dist.distributed.collectives import world_rank, world_size
 
@@ -186,10 +186,10 @@ class _Files:
         key = (os.getpid(), path)
         if key not in self._fds:
             self._fds[key] = os.open(path, os.O_RDONLY)
-        data = os.pread(self._fds[key], size, offset)
-        if len(data) != size:
-            raise EOFError(f"{path}: {size} bytes at {offset}, read {len(data)}")
-        return data
+        try:
+            return read_exact(self._fds[key], offset, size)
+        except EOFError as exn:
+            raise EOFError(f"{path}: {exn}") from None
 
     def __getstate__(self) -> dict:
         return {"_fds": {}}  # descriptors do not travel to workers

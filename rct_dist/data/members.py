@@ -72,7 +72,8 @@ def _sample_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
 
 
-def _read(fd: int, offset: int, size: int) -> bytes:
+def read_exact(fd: int, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` (os.pread: no shared file position), or EOFError when the file is shorter."""
     data = os.pread(fd, size, offset)
     if len(data) != size:
         raise EOFError(f"{size} bytes at {offset}, the file holds {len(data)}")
@@ -174,7 +175,7 @@ def scan_shard(path: str, classes: int) -> ShardTable:
         label = None
         if "cls" in current:
             try:
-                label = int(_read(fd, *current["cls"]).decode("ascii").strip())
+                label = int(read_exact(fd, *current["cls"]).decode("ascii").strip())
             except (ValueError, UnicodeDecodeError, EOFError):
                 label = None
         if ext is None or label is None or not 0 <= label < classes:
