@@ -183,6 +183,14 @@ def check_deepspeed(cfg: Config) -> None:
             from None
     if not isinstance(ds, dict):
         raise ConfigError(f"deepspeed.config: {path} must hold a JSON object, got {type(ds).__name__}")
+    fp16 = ds.get("fp16")
+    if isinstance(fp16, dict) and fp16.get("enabled"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"deepspeed.config: {cfg.deepspeed.config} trains in fp16, which needs a CUDA GPU "
+                              "(DeepSpeed has no fp16 on a CPU); here use a _fp32 or _bf16 config of the same ZeRO "
+                              "stage")
 
 
 def check_models(cfg: Config) -> None:

@@ -24,7 +24,13 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 class FrozenTeacher(nn.Module):
-    """Eval mode for good, no gradients; `dtype="bf16"` runs under autocast, embeddings come out fp32."""
+    """Eval mode for good, no gradients; `dtype="bf16"` runs under autocast, embeddings come out fp32.
+
+    The teacher keeps its own precision whatever the student's: images arrive in the engine's dtype
+    (bf16 or fp16 under DeepSpeed's `bf16`/`fp16` modes) and are cast to the teacher's weight dtype
+    before its first layer, so a fp32 teacher beside a bf16 student runs in fp32 (or autocast bf16 when
+    asked), never with mismatched input and weight types.
+    """
 
     def __init__(self, model: EmbeddingModel, dtype: str = "fp32") -> None:
         super().__init__()
@@ -54,9 +60,15 @@ class FrozenTeacher(nn.Module):
         self.input_shift = None if shift is None else shift.detach().to(device, torch.float32)
         return self
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the teacher's weights, which its inputs are cast to."""
+        return next(self.model.parameters()).dtype
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
-            images = (images.float() * self.input_scale + self.input_shift).to(images.dtype)
+            images = images.float() * self.input_scale + self.input_shift
+        images = images.to(self.weight_dtype)
         autocast_dtype = DTYPES[self.dtype]
         autocast = (
             torch.autocast(images.device.type, dtype=autocast_dtype)

@@ -182,7 +182,27 @@ def build_engine(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     attach(engine, optimizer)
+    low = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+    if low is not None:
+        norm_statistics_to(engine.module, low)
     return engine
+
+
+def norm_statistics_to(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every BatchNorm's running mean and variance to `dtype`, the dtype of its weights.
+
+    DeepSpeed's `bf16`/`fp16` modes cast parameters to the low dtype; since 0.19 they keep buffers
+    as loaded (fp32), earlier releases cast them too. A BatchNorm with bf16 weights and fp32 running
+    statistics is refused by `batch_norm` ("expected scalar type BFloat16 but found Float"), so every
+    backbone with BatchNorm (ResNets, MobileNets, EfficientNets) would stop at its first step. Here the
+    statistics follow the weights, as with every DeepSpeed release before 0.19.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            for name in ("running_mean", "running_var"):
+                stat = getattr(layer, name)
+                if stat is not None and stat.is_floating_point() and stat.dtype != dtype:
+                    setattr(layer, name, stat.to(dtype))
 
 
 def nonfinite_guard(engine) -> NonFiniteGuard:
