@@ -27,7 +27,7 @@ How each kind of command runs (in a sandbox: a temporary folder prepared with ti
 - `python bench/X.py`: the script's smallest sizes.
 - skipped, with the reason: docker commands (no Docker engine in CI; docker/test.sh builds and runs the
   image), the README's set-up commands (they are what CI runs), GPU-only benchmarks without a GPU,
-  OpenMPI commands without OpenMPI.
+  OpenMPI commands without OpenMPI, the GPU check's wheel recipe (tests/test_gpu_check.py runs it).
 """
 
 from __future__ import annotations
@@ -737,7 +737,7 @@ def _set_multi(words: list[str], name: str, value: str) -> list[str]:
 
 
 def rule_gpu_check(p: Parsed, cmd: Command) -> Plan | None:
-    """bench/gpu_check.py: about 8 minutes on a GPU; its small mode (--smoke, a CPU minute) is what
+    """bench/gpu_check.py: about 5 minutes on a GPU; its small mode (--smoke, a CPU minute) is what
     tests/test_gpu_check.py runs. Here: the documented options exist (--help), then skip."""
     if not p.program.startswith("python") or p.words[1:2] != ["bench/gpu_check.py"]:
         return None
@@ -748,10 +748,20 @@ def rule_gpu_check(p: Parsed, cmd: Command) -> Plan | None:
         for w in p.words[2:]:
             if w.startswith("-"):
                 assert w.split("=")[0] in out.stdout, (w, out.stdout)
-        pytest.skip("bench/gpu_check.py takes about 8 minutes on a GPU; its --smoke mode runs in "
+        pytest.skip("bench/gpu_check.py takes about 5 minutes on a GPU; its --smoke mode runs in "
                     "tests/test_gpu_check.py (documented options checked against --help)")
 
     return Plan("bench gpu_check (options only)", run=run)
+
+
+def rule_gpu_wheels(p: Parsed, cmd: Command) -> Plan | None:
+    """docs/gpu_check.md's wheel recipe (`python -m pip download / wheel / install`, for a GPU machine's
+    Python): tests/test_gpu_check.py runs these very lines (downloads when the index answers, the install
+    offline), so here they are only recognised."""
+    if not (p.program.startswith("python") and p.words[1:3] == ["-m", "pip"]
+            and p.words[3:4] in (["download"], ["wheel"], ["install"])):
+        return None
+    return Plan("gpu check wheel recipe", skip="the GPU check's wheel recipe: tests/test_gpu_check.py runs it")
 
 
 def rule_bench(p: Parsed, cmd: Command) -> Plan | None:
@@ -985,7 +995,7 @@ def rule_study(p: Parsed, cmd: Command) -> Plan | None:
 
 
 RULES = [rule_setup, rule_docker, rule_cat, rule_make_shards, rule_configs, rule_job, rule_eval_embed, rule_export,
-         rule_tensorboard, rule_gpu_check, rule_bench, rule_study, rule_launcher]
+         rule_tensorboard, rule_gpu_check, rule_gpu_wheels, rule_bench, rule_study, rule_launcher]
 
 
 def plan_for(cmd: Command) -> Plan | None:
