@@ -7,8 +7,8 @@ With teacher embeddings t (L2-normalised) and student embeddings s (not normalis
     L    = 1/n sum_i sum_{j != i} [ w_ij d_ij^2 + (1 - w_ij) max(0, delta - d_ij)^2 ]
 
 This equals the authors' `Relaxed_Contra` (where `t_emb` is the student and `s_emb` the teacher).
-Large batches run the exact tiled computation of `tiled.py`, which keeps nothing of size B x N;
-on CUDA, its fused Triton kernels (`fused.py`) by default.
+Large batches run the exact tiled computation of `tiled.py`, which keeps nothing of size B x N,
+with torch ops or, when asked (`kernel="triton"`), its fused Triton kernels (`fused.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from rct_dist.losses.tiled import TileSetup, tile_size, tiled_row_sums
 
 REDUCTIONS = ("paper", "mean_pairs")
 KERNELS = ("auto", "torch", "triton")
+PRECISIONS = ("ieee", "tf32", "bf16")  # fused.PRECISIONS, without importing Triton
 
 
 @functools.cache
@@ -53,8 +54,13 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
             0 never tiles.
         kernel: what computes the tiles: "torch" (torch ops), "triton" (fused Triton kernels, always,
             whatever the batch size; CUDA tensors, or CPU ones in Triton's interpreter under
-            TRITON_INTERPRET=1), "auto" (the fused kernels for fp32 CUDA tensors when Triton is
-            importable, torch ops otherwise). Same loss and gradient to rounding.
+            TRITON_INTERPRET=1), "auto" (torch ops, for now: no GPU run has yet shown the kernels equal
+            and faster; the batch size from which "auto" takes them will come from that measurement).
+            Same loss and gradient to rounding in the "ieee" precision.
+        precision: the fused kernels' products (kernel "triton" only; the torch paths ignore it):
+            "ieee" exact fp32 (CUDA cores, the default), "tf32" or "bf16" operands on tensor cores
+            with fp32 accumulation (README, Fused kernel, for their measured error). float64 inputs
+            always run in float64.
     """
 
     teacher_needs_norm = True
@@ -69,6 +75,7 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
         min_row_mean: float = 1e-12,
         chunk_size: int | None = None,
         kernel: str = "auto",
+        precision: str = "ieee",
     ) -> None:
         super().__init__(gather=gather)
         if sigma <= 0:
@@ -81,6 +88,8 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
             raise ValueError(f"chunk_size must be None or a non-negative integer, got {chunk_size!r}")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if kernel == "triton":
             check_triton(chunk_size)
         self.sigma = sigma
@@ -90,6 +99,7 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
         self.min_row_mean = min_row_mean
         self.chunk_size = chunk_size
         self.kernel = kernel
+        self.precision = precision
 
     def row_sums(self, batch: PairBatch) -> dict[str, torch.Tensor]:
         n = batch.n
@@ -107,7 +117,7 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
                 s_rows, s_cols = safe_normalize(s_rows), safe_normalize(s_cols)
             setup = TileSetup(self.sigma, self.delta, self.min_row_mean, norm, batch.row_offset, batch.gathered, tile)
             if fused:
-                return fused.fused_row_sums(s_rows, s_cols, t_rows, t_cols, setup)
+                return fused.fused_row_sums(s_rows, s_cols, t_rows, t_cols, setup, self.precision)
             return tiled_row_sums(s_rows, s_cols, t_rows, t_cols, setup)
         mask = batch.self_mask()
         w = torch.exp(-squared_distances(t_rows, t_cols, mask) / self.sigma)
@@ -123,13 +133,13 @@ class RelaxedContrastiveLoss(PairwiseTransferLoss):
     def _fused(self, s_rows: torch.Tensor, tile: int):
         """The fused-kernel module when this call runs it, else None (the inputs are already checked).
 
-        "auto" takes it only where the torch path tiles, which every rank decides alike: the two
-        tiled paths run the same collectives, the untiled one others.
+        "auto" runs the torch path until a GPU measurement has shown the kernels equal and faster;
+        the threshold it then takes them from will come from that measurement (it must depend only
+        on what every rank decides alike, as `tile` does: the tiled and untiled paths run different
+        collectives).
         """
-        if self.kernel == "torch" or (self.kernel == "auto" and not (tile and s_rows.is_cuda)):
+        if self.kernel != "triton":
             return None
-        if self.kernel == "auto":
-            return _fused_module() if s_rows.dtype == torch.float32 else None
         return _fused_module()
 
 
