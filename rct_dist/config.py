@@ -77,6 +77,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 DECODES = ("cpu", "gpu")  # where train images are decoded and augmented
 RC_REDUCTIONS = ("paper", "mean_pairs")  # rct_dist.losses.relaxed_contrastive's REDUCTIONS and KERNELS
 RC_KERNELS = ("auto", "torch", "triton")
+RC_PRECISIONS = ("ieee", "tf32", "bf16")
 # Keys that moved, and where to: an old config names them and is told.
 MOVED = {
     "loss.sigma": "loss.rc.sigma",
@@ -257,6 +258,7 @@ class RCOptions:
     reduction: str = checked("paper", one_of(*RC_REDUCTIONS))  # pair sum / n ("paper"), or / n(n-1)
     chunk_size: int | None = checked(None, non_negative)  # tile edge; null: tile large batches; 0: never tile
     kernel: str = checked("auto", one_of(*RC_KERNELS))  # tiles by "torch" ops or fused "triton" kernels
+    precision: str = checked("ieee", one_of(*RC_PRECISIONS))  # kernel triton's products: exact fp32, tf32 or bf16
 
 
 @dataclass

@@ -12,6 +12,7 @@ from rct_dist.config import (
     METRICS,
     MOVED,
     RC_KERNELS,
+    RC_PRECISIONS,
     RC_REDUCTIONS,
     Config,
     ConfigError,
@@ -459,7 +460,7 @@ def test_every_key_can_be_overridden():
 
 def test_rc_choices_match_the_loss():
     rc = pytest.importorskip("rct_dist.losses.relaxed_contrastive")
-    assert (RC_REDUCTIONS, RC_KERNELS) == (rc.REDUCTIONS, rc.KERNELS)
+    assert (RC_REDUCTIONS, RC_KERNELS, RC_PRECISIONS) == (rc.REDUCTIONS, rc.KERNELS, rc.PRECISIONS)
 
 
 def test_readme_lists_every_loss_option_with_its_default():

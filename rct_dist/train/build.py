@@ -46,7 +46,8 @@ def build_task(cfg: Config, num_classes: int, teacher_size: int | None = None) -
     rc, rkd, darkrank = loss.rc, loss.rkd, loss.darkrank
     transfer = {
         "rc": lambda: RelaxedContrastiveLoss(sigma=rc.sigma, delta=rc.delta, normalize_student=rc.normalize_student,
-                                             reduction=rc.reduction, chunk_size=rc.chunk_size, kernel=rc.kernel),
+                                             reduction=rc.reduction, chunk_size=rc.chunk_size, kernel=rc.kernel,
+                                             precision=rc.precision),
         "rkd": lambda: RKDLoss(distance_weight=rkd.distance_weight, angle_weight=rkd.angle_weight,
                                chunk_elements=rkd.angle_chunk_elements),
         "pkt": lambda: PKTLoss(eps=loss.pkt.eps),
