@@ -14,8 +14,18 @@ def is_temp_name(name: str) -> bool:
     return re.fullmatch(r"\..+\.tmp-\d+", name) is not None
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename into it, a new file) durable: fsync the folder itself."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, fill: Callable[[BinaryIO], object]) -> None:
-    """`fill` writes the content to a binary stream; it is fsynced and renamed to `path`."""
+    """`fill` writes the content to a binary stream; it is fsynced, renamed to `path`, and the rename
+    made durable by an fsync of the folder (without it, a power loss can forget the rename)."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(temp, "wb") as stream:
@@ -26,3 +36,4 @@ def atomic_write(path: Path, fill: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)

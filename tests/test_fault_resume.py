@@ -356,3 +356,30 @@ def test_checkpoint_with_other_parameter_groups_is_refused_clearly(digits_shards
     monkeypatch.setattr(engine_module, "param_groups", current)
     with pytest.raises(RuntimeError, match="other parameter groups than this version builds.*cannot resume"):
         train(load_config(str(config), ["run.resume=auto", "optim.epochs=2"]))
+
+
+def test_resume_with_accumulation_from_every_checkpoint_equals_the_uninterrupted_run(digits_shards, tmp_path):
+    """Accumulation 2 with 21 micro-batches an epoch: an optimizer step never spans two epochs (the odd
+    micro-batch is left out), so every checkpoint sits at a step boundary, and a resume from the epoch-end
+    checkpoint or from a mid-epoch one ends with the uninterrupted run's parameters."""
+    import shutil
+
+    from rct_dist.config import load_config
+    from rct_dist.train.loop import train
+
+    overrides = ["optim.epochs=2", "deepspeed.gradient_accumulation_steps=2", "data.samples_per_epoch=420",
+                 "checkpoint.every_steps=4", "checkpoint.keep=20"]
+    config = _config(tmp_path, "whole", digits_shards)
+    train(load_config(str(config), overrides))
+    whole = tmp_path / "runs" / "whole"
+    steps = [step for step, _ in complete_checkpoints(whole / "checkpoints")]
+    assert steps == [4, 8, 10, 12, 16, 20]  # 10 whole steps an epoch; the epoch ends are 10 and 20
+    for tag_step in (10, 12):  # the epoch-end checkpoint, a mid-epoch one
+        name = f"from{tag_step}"
+        resumed = tmp_path / "runs" / name
+        (resumed / "checkpoints").mkdir(parents=True)
+        source = dict((step, path) for step, path in complete_checkpoints(whole / "checkpoints"))[tag_step]
+        shutil.copytree(source, resumed / "checkpoints" / source.name)
+        shutil.copy(whole / "config.yaml", resumed / "config.yaml")
+        train(load_config(str(config), [*overrides, f"run.name={name}", "run.resume=auto"]))
+        _assert_same_weights(whole, resumed)

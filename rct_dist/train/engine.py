@@ -205,6 +205,12 @@ def norm_statistics_to(module: nn.Module, dtype: torch.dtype) -> None:
                     setattr(layer, name, stat.to(dtype))
 
 
+def continue_micro_steps(engine, micro: int) -> None:
+    """Set DeepSpeed's micro-step counter, which it does not checkpoint, to the run's: its gradient
+    accumulation boundaries ((micro_steps + 1) % accumulation == 0) then fall where the loop's do."""
+    engine.micro_steps = micro
+
+
 def nonfinite_guard(engine) -> NonFiniteGuard:
     """The engine's optimizer guard: `note_loss(loss)` before `engine.step()`, counters to log."""
     return engine.nonfinite_guard

@@ -30,8 +30,8 @@ from rct_dist.eval import evaluate, extract_embeddings
 from rct_dist.models import export_model
 from rct_dist.train import checkpoint
 from rct_dist.train.build import build_task, build_teacher, teacher_dim
-from rct_dist.train.engine import (build_engine, deepspeed_config, init_distributed, nonfinite_guard, warmup_cosine,
-                                  warmup_step_decay)
+from rct_dist.train.engine import (build_engine, continue_micro_steps, deepspeed_config, init_distributed,
+                                  nonfinite_guard, warmup_cosine, warmup_step_decay)
 from rct_dist.train.feed import DeviceFeed, prepare_models
 from rct_dist.train.monitor import Monitor, projector_sample
 from rct_dist.train.selection import Selection, resolve_select, summary
@@ -204,6 +204,7 @@ def restore_state(engine, start: Path | None, universal: bool, plan: dict[str, A
             monitor.say(f"resuming a run of {state['world']} ranks on {world}: the same sample sequence continues "
                         f"after {state['samples']} samples of epoch {state['epoch'] + 1}")
         monitor.say(f"resumed from {start} at epoch {state['epoch'] + 1}, sample {state['samples']}")
+    continue_micro_steps(engine, state["micro"])
     return {**state, "world": world, "plan": plan}
 
 
@@ -285,13 +286,18 @@ def train(cfg: Config) -> dict[str, Any]:
             resumed = state["samples"] if epoch == state["epoch"] else 0
             loader = make_loader(train_index, epoch=epoch, start_samples=resumed, **loader_args)
             plan_of_epoch = loader.plan
-            monitor.start_epoch(epoch, cfg.optim.epochs, plan_of_epoch.units // world,
-                                initial=plan_of_epoch.start_unit // world)
+            # An optimizer step never spans two epochs: an epoch trains its whole steps only (at most
+            # accumulation - 1 micro-batches per rank left out), so every checkpoint is at a step boundary.
+            whole = plan_of_epoch.units // world // accumulation * accumulation
+            monitor.start_epoch(epoch, cfg.optim.epochs, whole, initial=plan_of_epoch.start_unit // world)
+            remaining = whole - plan_of_epoch.start_unit // world
             engine.train()
             engine.module.backbone_frozen = epoch < cfg.optim.warmup_epochs_new_layers
             timer.start()
             last_loss = "-"  # the progress bar shows the last logged loss: no .item() sync on other steps
             for i, batch in enumerate(loader):
+                if i >= remaining:
+                    break
                 torch.manual_seed(step_seed(cfg.run.seed, epoch, int(plan_of_epoch.unit_ids[i])))  # dropout & co.
                 stored = () if batch.teacher is None else (batch.teacher,)
                 images, labels, stored, n_images, n_views = feed(batch.images, batch.labels, *stored)
@@ -314,7 +320,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     last_loss = f"{values['loss/total']:.4f}"
                 monitor.advance({"loss": last_loss})
                 if boundary and cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 \
-                        and i + 1 < len(loader):
+                        and i + 1 < remaining:
                     # (the epoch's last step is saved once, at the epoch's end, with the evaluation's state)
                     checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
                                     {**state, "epoch": epoch, "selection": selection.state()}, cfg.checkpoint.keep)
