@@ -207,12 +207,23 @@ def test_resume_zero2_on_another_number_of_ranks(digits_shards, tmp_path):
     assert _kill_after_progress(proc, run / "checkpoints", random.Random(5))
     _, last = complete_checkpoints(run / "checkpoints")[-1]
     saved = json.loads((last / MARKER).read_text())
+    import shutil
+
+    again = tmp_path / "runs" / "elastic-again"  # the same checkpoint, for a second start on one rank
+    (again / "checkpoints").mkdir(parents=True)
+    shutil.copytree(last, again / "checkpoints" / last.name)
+    shutil.copy(run / "config.yaml", again / "config.yaml")
     log = _run(config, 1)
     assert "resuming a run of 2 ranks on 1" in log and (run / "checkpoints" / "universal" / last.name).is_dir()
     # the epoch's sequence continues at the sample where the two ranks stopped
     resumed = re_search(r"resumed from \S+ at epoch (\d+), sample (\d+)", log)
     assert int(resumed[0]) in (saved["epoch"] + 1, saved["epoch"] + 2) and int(resumed[1]) % 40 == 0
     assert 0.5 < _final_r1(run) <= 1.0
+    # What a resume on another world size equals: a run started on that world size from the same checkpoint
+    # (not the uninterrupted 2-rank run, whose steps average other global batches from there on).
+    _run(config, 1, "run.name=elastic-again")
+    _assert_same_weights(run, again)
+    assert _final_r1(again) == _final_r1(run)
 
 
 def re_search(pattern: str, text: str) -> tuple[str, ...]:
