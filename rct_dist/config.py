@@ -29,7 +29,8 @@ Keys that would have no effect are errors (`ignored_keys` says which, and why):
   `embedding_size`, `pretrained` and `pretrained_file` (the export holds the model and its size); with
   `shards`, every teacher key but `source` (the embeddings are stored in the shards);
 - any job: a loss sub-section other than `loss.<loss.name>`'s, except `loss.proxy_anchor` where
-  Proxy-Anchor runs too (job transfer with `loss.supervised_weight` > 0).
+  Proxy-Anchor runs too (job transfer with `loss.supervised_weight` > 0);
+- with `data.pk` set: `data.shuffle_buffer` and `data.resampled` (the P x K plan uses neither).
 The rule applies to keys set explicitly to a non-null value in the run's own file (the one given to
 load_config, not the `base:` files under it) or in an override. A base is shared by runs of different
 jobs, losses and teacher sources (cub/base.yaml serves the teacher and the students), so what it sets
@@ -606,6 +607,10 @@ def ignored_keys(config: Config) -> list[tuple[str, str]]:
         else:
             ignored += [(key, "with teacher.source shards (the teacher's embeddings are stored in the shards)")
                         for key in (*model_keys, "teacher.export", "teacher.dtype")]
+    if config.data.pk is not None:
+        why = ("with data.pk (P x K batches take each class's samples in a seeded order, whole classes at a "
+               "time: no shuffle window, no draws with replacement)")
+        ignored += [("data.shuffle_buffer", why), ("data.resampled", why)]
     supervised = config.job == "train-teacher" or config.loss.supervised_weight > 0
     for name in LOSSES:
         if name == config.loss.name or (name == "proxy_anchor" and supervised):

@@ -488,3 +488,14 @@ def test_export_rebuilds_a_regression_student_whatever_the_teacher_width():
     net = student_from_state(cfg, trained.state_dict())
     for key, value in trained.net.state_dict().items():
         torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_plain_batch_keys_have_no_effect_with_pk():
+    """P x K batches use no shuffle window and no draws with replacement: setting either is refused, and
+    neither is part of the saved config or the data plan a resume compares."""
+    for key in ("data.shuffle_buffer=100", "data.resampled=true"):
+        with pytest.raises(ConfigError, match=r"no effect with data.pk \(P x K batches"):
+            load_config(None, ["data.pk=[5,4]", "data.batch_size=20", key])
+        load_config(None, [key])  # plain batches: in effect
+    cfg = load_config(None, ["data.pk=[5,4]", "data.batch_size=20"])
+    assert "shuffle_buffer" not in config_to_dict(cfg)["data"] and "resampled" not in config_to_dict(cfg)["data"]

@@ -25,7 +25,7 @@ from rct_dist.train.checkpoint import MARKER, complete_checkpoints
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
 run: {{name: {name}, out_dir: {out}, seed: 5}}
-data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: {workers}, shuffle_buffer: 200}}
+data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: {workers}}}
 model: {{backbone: rct_cnn3_small, embedding_size: 16}}
 teacher: {{source: model, backbone: rct_cnn4, embedding_size: 32}}
 optim: {{lr: 1.0e-3, epochs: 2}}

@@ -104,7 +104,7 @@ def teacher_config(p: Paths) -> dict[str, Any]:
         "job": "train-teacher",
         "run": {"name": "fuzz", "out_dir": str(p.runs)},
         "data": {"root": str(p.digits), "image_size": 16, "views": 2, "pk": [5, 4], "batch_size": 20,
-                 "workers": 0, "shuffle_buffer": 200, "samples_per_epoch": 200},
+                 "workers": 0, "samples_per_epoch": 200},
         "model": {"backbone": "rct_cnn3_small", "embedding_size": 16},
         "loss": {"name": "proxy_anchor"},
         "optim": {"lr": 1.0e-3, "epochs": 1},

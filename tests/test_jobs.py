@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
 run: {{name: {name}, out_dir: {out}}}
 data: {{root: {data}, eval_split: {eval_split}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: 0,
-        shuffle_buffer: 200, samples_per_epoch: 200}}
+        samples_per_epoch: 200}}
 model: {{backbone: rct_cnn4, embedding_size: 32}}
 loss: {{name: proxy_anchor}}
 optim: {{lr: 1.0e-3, epochs: 1}}

@@ -144,7 +144,7 @@ def test_monitor_says_through_the_logger_and_logs_the_bar_at_the_epochs_end(tmp_
 RUN = """
 job: transfer
 run: {{name: logged, out_dir: {out}}}
-data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: 0, shuffle_buffer: 200}}
+data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: 0}}
 model: {{backbone: rct_cnn3_small, embedding_size: 16}}
 teacher: {{source: model, backbone: rct_cnn4, embedding_size: 32}}
 loss: {{name: rc}}

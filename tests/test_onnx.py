@@ -167,7 +167,7 @@ def test_bad_arguments(tmp_path):
 
 RUN = """
 run: {{name: tiny, out_dir: {out}}}
-data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: 0, shuffle_buffer: 100,
+data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: 0,
         samples_per_epoch: 100}}
 model: {{backbone: rct_cnn3_small, embedding_size: 16}}
 loss: {{name: proxy_anchor}}

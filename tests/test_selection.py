@@ -99,7 +99,7 @@ def run_cfg(root: Path, out: Path, name: str, *overrides: str):
     return load_config(None, [
         "job=train-teacher", "loss.name=proxy_anchor", f"run.name={name}", f"run.out_dir={out}",
         f"data.root={root}", "data.val_split=val", "data.image_size=16", "data.views=1", "data.pk=[4,5]", "data.batch_size=20",
-        "data.workers=0", "data.shuffle_buffer=200", "model.backbone=rct_cnn3_small", "model.embedding_size=16",
+        "data.workers=0", "model.backbone=rct_cnn3_small", "model.embedding_size=16",
         "optim.lr=1e-3", "deepspeed.config=zero2_fp32", "eval.batch_size=256", "log.tensorboard=false",
         "log.retrieval_images=0", *overrides,
     ])

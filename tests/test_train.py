@@ -23,7 +23,7 @@ from rct_dist.train.loop import build_task, train
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
 run: {{name: {name}, out_dir: {out}}}
-data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: {workers}, shuffle_buffer: 200}}
+data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: {workers}}}
 model: {{backbone: rct_cnn3_small, embedding_size: 16}}
 teacher: {teacher}
 loss: {{name: {loss}}}

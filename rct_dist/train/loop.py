@@ -143,8 +143,9 @@ def plan_inputs(cfg: Config, train_index: ShardIndex) -> dict[str, Any]:
     """What decides an epoch's global sample sequence, saved with every checkpoint: a resume refuses to
     continue a sequence these no longer describe. (World size and worker count are not among them.)"""
     table = sample_table(train_index)
+    plain = {"shuffle_buffer": cfg.data.shuffle_buffer, "resampled": cfg.data.resampled}  # P x K uses neither
     return {"seed": cfg.run.seed, "batch_size": cfg.data.batch_size, "pk": list(cfg.data.pk or []),
-            "shuffle_buffer": cfg.data.shuffle_buffer, "resampled": cfg.data.resampled,
+            **(plain if not cfg.data.pk else {}),
             "samples_per_epoch": cfg.data.samples_per_epoch, "train_split": cfg.data.train_split,
             "readable_samples": len(table), "shards": len(train_index.shards)}
 
