@@ -58,7 +58,7 @@ def _stack(tmp: str, rank: int) -> str:
     return text[-6000:] or "(no stack written: the rank died without reaching its watchdog)"
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 300) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) -> list[Any]:
     """fn(rank, world, *args) on `world` gloo ranks; returns each rank's result, in rank order.
 
     Raises with every failing rank's traceback if any rank fails.
