@@ -148,21 +148,6 @@ def refused(argv: list[str], words: typing.Sequence[str], capsys, runs: Path | N
     return lines[0]
 
 
-def loads_or_refused(argv: list[str], capsys) -> None:
-    """For random inputs: either the command succeeds, or it is refused by the rule (one line, exit 2)."""
-    capsys.readouterr()
-    try:
-        cli.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.strip()]
-        shown = f"argv={argv}\nstderr:\n{err}"
-        assert "Traceback" not in err and exit_.code == 2 and len(lines) == 1, shown
-        assert lines[0].startswith("rct-dist"), shown
-    else:
-        assert capsys.readouterr().err == ""
-
-
 def test_the_valid_starting_points_reach_the_trainer(paths, tmp_path, capsys):
     for config in (teacher_config(paths), transfer_config(paths), config_using(paths, "teacher", "backbone")):
         with pytest.raises(Reached, match="the trainer"):
@@ -783,11 +768,53 @@ def _garbled_override(rng: random.Random) -> str:
     return _edits(f"{key}=1", rng)  # a misspelt key
 
 
+def _dotted(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def overrides_applied_or_refused(config: str, overrides: list[str], capsys) -> str:
+    """The rule for random overrides, with the outcome each should get: refused in one line that names
+    an override (its key, or the override itself when it has no key); or accepted, and then every
+    override's value is the resolved config's value for its key (the last one of a key wins)."""
+    capsys.readouterr()
+    argv = ["configs", "--resolved", config, *overrides]
+    try:
+        cli.main(argv)
+    except SystemExit as exit_:
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        shown = f"argv={argv}\nstderr:\n{err}"
+        assert "Traceback" not in err and exit_.code == 2 and len(lines) == 1, shown
+        assert lines[0].startswith("rct-dist"), shown
+        def names(o: str) -> bool:  # the override, its key or its section, as given or quoted
+            key = o.partition("=")[0].strip()
+            return any(c and c in lines[0] for c in (o, repr(o), key, repr(key.split(".")[0])))
+
+        named = [o for o in overrides if names(o)]
+        assert named, f"the error names none of the overrides\n{shown}"
+        return "refused"
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out)
+    final = dict(o.split("=", 1) for o in overrides)
+    for key, value in final.items():
+        actual = resolved["job"] if key == "job" else _dotted(resolved, key)
+        try:
+            expected = yaml.safe_load(value)
+        except yaml.YAMLError:  # accepted only by a text key, which keeps the text
+            expected = value.strip()
+        if isinstance(actual, str) and not isinstance(expected, str):
+            expected = value.strip()  # a text key keeps its text, whatever YAML makes of it
+        assert actual == expected, f"argv={argv}: {key} resolved to {actual!r}, the override gave {expected!r}"
+    return "accepted"
+
+
 @pytest.mark.parametrize("seed", range(80))
 def test_random_overrides(seed, capsys):
     rng = random.Random(seed)
     overrides = [_garbled_override(rng) for _ in range(rng.randint(1, 3))]
-    loads_or_refused(["configs", "--resolved", "cub/compression", *overrides], capsys)
+    overrides_applied_or_refused("cub/compression", overrides, capsys)
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -806,4 +833,31 @@ def test_random_yaml_edits(seed, paths, tmp_path, capsys):
             line = lines.pop(rng.randrange(len(lines)))
             lines.insert(rng.randrange(len(lines) + 1), line)
             text = "".join(lines)
-    loads_or_refused(["configs", "--resolved", write_config(tmp_path, text)], capsys)
+    path = write_config(tmp_path, text)
+    capsys.readouterr()
+    try:
+        cli.main(["configs", "--resolved", str(path)])
+    except SystemExit as exit_:
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        shown = f"file:\n{text}\nstderr:\n{err}"
+        assert "Traceback" not in err and exit_.code == 2 and len(lines) == 1, shown
+        assert lines[0].startswith("rct-dist"), shown
+        return
+    # Accepted: every leaf the edited file sets is the resolved config's value (the file was read as written).
+    resolved, given = yaml.safe_load(capsys.readouterr().out), yaml.safe_load(text)
+    assert isinstance(given, dict), text
+
+    def leaves(tree: dict, prefix: str = ""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for key, value in leaves(given):
+        actual = _dotted(resolved, key)
+        if isinstance(actual, str) and not isinstance(value, str):
+            value = str(value)
+        assert actual == value or (isinstance(value, list) and actual == list(value)), \
+            f"{key}: resolved {actual!r}, the file says {value!r}\n{text}"
