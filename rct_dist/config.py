@@ -6,9 +6,9 @@ after minutes of start-up on many ranks costs far more than a strict loader. Unk
 Each key's own rule (> 0, >= 0, one of a list, ...) sits next to its field, as `checked(default,
 rule)`; rules that tie several keys together are in `_validate`.
 
-Built-in configs ship inside the package (`rct_dist/configs/`, package data found with
-importlib.resources): `--config cub/teacher` names one, a path to a YAML file still works, and
-`deepspeed.config` names a built-in DeepSpeed config (`zero2_bf16`) or a path, so nothing depends on
+Built-in configs live in the repository's `configs/` and ship inside the package (`rct_dist/configs/`,
+package data found with importlib.resources): `--config cub/teacher` names one, a path to a YAML file
+still works, and `deepspeed.config` names a built-in DeepSpeed config (`zero2_bf16`) or a path, so nothing depends on
 the working directory or on a source checkout.
 
 A file may say `base: other.yaml` (relative to itself): the base is loaded first, recursively, and the
@@ -774,15 +774,19 @@ def _apply_override(raw: dict[str, Any], override: str) -> str:
 
 
 def builtin_folder() -> Path:
-    """The folder of built-in configs inside the installed package (a real folder: `base:` links and
-    DeepSpeed's own file reading need paths)."""
+    """The folder of built-in configs (a real folder: `base:` links and DeepSpeed's own file reading need
+    paths): the copy a wheel carries inside the package (`rct_dist/configs`, put there by the build from
+    the repository's `configs/`), or, in a source checkout or an editable install of one, `configs/` itself."""
     from importlib import resources
 
-    folder = resources.files(BUILTIN_PACKAGE) / BUILTIN_FOLDER
-    if not isinstance(folder, Path) or not folder.is_dir():
-        raise RuntimeError(f"built-in configs not found in the installed package ({folder}): reinstall rct-dist "
-                           "from a wheel or source tree that includes its package data")
-    return folder
+    packaged = resources.files(BUILTIN_PACKAGE) / BUILTIN_FOLDER
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parents[1] / BUILTIN_FOLDER
+    if (checkout.parent / "pyproject.toml").is_file() and checkout.is_dir():
+        return checkout
+    raise RuntimeError(f"built-in configs not found in the installed package ({packaged}): reinstall rct-dist "
+                       "from a wheel or a source tree that has its configs/ folder")
 
 
 def builtin_configs() -> dict[str, Path]:

@@ -18,7 +18,7 @@ from rct_dist.config import (
     resolve_deepspeed_config,
 )
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "rct_dist" / "configs"
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ from rct_dist.config import (
     save_config,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "rct_dist" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if not {"deepspeed", "studies"} & set(p.relative_to(CONFIGS).parts))
 DEEPSPEED_CONFIGS = sorted((CONFIGS / "deepspeed").glob("*.json"))
 

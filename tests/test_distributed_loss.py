@@ -26,7 +26,7 @@ from rct_dist.losses import (
     RKDDistanceLoss,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "rct_dist" / "configs" / "deepspeed"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 STEPS = 3
 IN_DIM, STUDENT_DIM, TEACHER_DIM, CLASSES = 6, 5, 9, 4
 

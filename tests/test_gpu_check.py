@@ -185,7 +185,7 @@ def test_the_full_plan_runs_the_kernels_first_and_the_shipped_precisions(tmp_pat
     assert names == ["environment", "packages", "kernel_correctness", "kernel_timings", "shards",
                      "trainer_zero2_bf16", "plain_bf16", "trainer_zero2_fp16", "plain_fp16", "trainer_zero2_fp32",
                      "plain_fp32", "trainer_zero2_bf16_autocast"]
-    shipped = {p.stem for p in (ROOT / "rct_dist" / "configs" / "deepspeed").glob("*.json")}
+    shipped = {p.stem for p in (ROOT / "configs" / "deepspeed").glob("*.json")}
     assert set(check.s["ds_configs"]) <= shipped
     assert check.budget <= 300  # a rerun fits in a 10-minute call
     caps = {s.name: s.cap for s in check.plan()}

@@ -36,7 +36,7 @@ log: {{every_steps: 10, tensorboard: false}}
 def run_config(path: Path, name: str, out: Path, data: Path, eval_split: str = "test",
                ds: str = "zero0_fp32") -> Path:
     path.write_text(CONFIG.format(name=name, out=out, data=data, eval_split=eval_split,
-                                  ds=ROOT / "rct_dist" / "configs" / "deepspeed" / f"{ds}.json"))
+                                  ds=ROOT / "configs" / "deepspeed" / f"{ds}.json"))
     return path
 
 

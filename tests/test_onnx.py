@@ -181,7 +181,7 @@ log: {{every_steps: 10, tensorboard: false}}
 def test_run_export_writes_checked_onnx_of_the_checkpoint(digits_shards, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(RUN.format(out=tmp_path / "runs", data=digits_shards,
-                                 ds=ROOT / "rct_dist" / "configs" / "deepspeed" / "zero0_fp32.json"))
+                                 ds=ROOT / "configs" / "deepspeed" / "zero0_fp32.json"))
     train(load_config(str(config), ["job=train-teacher"]))
 
     out = run_export(tmp_path / "runs" / "tiny", out=tmp_path / "export", onnx=True)

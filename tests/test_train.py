@@ -37,7 +37,7 @@ checkpoint: {{every_steps: {every}, keep: 2}}
 
 def write_config(path: Path, **values) -> Path:
     defaults = dict(workers=0, teacher="{source: model, backbone: rct_cnn4, embedding_size: 32}", loss="rc", every=0,
-                    ds=ROOT / "rct_dist" / "configs" / "deepspeed" / "zero0_fp32.json")
+                    ds=ROOT / "configs" / "deepspeed" / "zero0_fp32.json")
     path.write_text(CONFIG.format(**{**defaults, **values}))
     return path
 
@@ -81,7 +81,7 @@ def torchrun(config: Path, *overrides: str) -> str:
 def test_two_process_zero2_bf16_checkpoint_and_resume(digits_shards, tmp_path):
     runs = tmp_path / "runs"
     cfg = write_config(tmp_path / "rc.yaml", name="rc2", out=runs, data=digits_shards, workers=1, every=4,
-                       ds=ROOT / "rct_dist" / "configs" / "deepspeed" / "zero2_bf16_autocast.json")
+                       ds=ROOT / "configs" / "deepspeed" / "zero2_bf16_autocast.json")
     torchrun(cfg)
     checkpoints = runs / "rc2" / "checkpoints"
     steps = [step for step, _ in complete_checkpoints(checkpoints)]
@@ -94,7 +94,7 @@ def test_two_process_zero2_bf16_checkpoint_and_resume(digits_shards, tmp_path):
     assert [step for step, _ in complete_checkpoints(checkpoints)][-1] == 2 * per_epoch
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "rct_dist" / "configs").rglob("*.yaml") if "studies" not in p.parts), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "studies" not in p.parts), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_config_builds(path, monkeypatch):
     monkeypatch.setenv("RCT_DIST_DATA", "/data")
     monkeypatch.chdir(ROOT)

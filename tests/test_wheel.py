@@ -58,6 +58,13 @@ def test_the_package_comes_from_the_wheel_with_its_configs(installed, tmp_path):
     assert all(Path(p).is_relative_to(target) for p in where), where
     shipped = Path(where[1])
     assert (shipped / "cub" / "teacher.yaml").is_file() and (shipped / "deepspeed" / "zero2_fp32.json").is_file()
+    # The build copied the repository's one copy, configs/, into the package: the same files, byte for byte.
+    source = ROOT / "configs"
+    files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json",
+                                                                                                    ".md"))
+    assert sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file()) == files
+    assert all((shipped / f).read_bytes() == (source / f).read_bytes() for f in files)
+    assert not (ROOT / "rct_dist" / "configs").exists()  # no second copy in the source tree
     listing = _run([str(target / "bin" / "rct-dist"), "configs"], env, tmp_path).stdout
     assert "omniglot/rc" in listing and "zero2_bf16" in listing
 
