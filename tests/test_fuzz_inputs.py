@@ -774,28 +774,34 @@ def _dotted(tree: Any, key: str) -> Any:
     return tree
 
 
+def resolved_or_refusal(argv: list[str], shown: str, capsys) -> tuple[str, str | None]:
+    """Run the CLI: (stdout, None) on success, else ("", the error line) after asserting the rule."""
+    capsys.readouterr()
+    try:
+        cli.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        shown = f"{shown}\nstderr:\n{err}"
+        assert "Traceback" not in err and exit_.code == 2 and len(lines) == 1, shown
+        assert lines[0].startswith("rct-dist"), shown
+        return "", lines[0]
+    return capsys.readouterr().out, None
+
+
 def overrides_applied_or_refused(config: str, overrides: list[str], capsys) -> str:
     """The rule for random overrides, with the outcome each should get: refused in one line that names
     an override (its key, or the override itself when it has no key); or accepted, and then every
     override's value is the resolved config's value for its key (the last one of a key wins)."""
-    capsys.readouterr()
     argv = ["configs", "--resolved", config, *overrides]
-    try:
-        cli.main(argv)
-    except SystemExit as exit_:
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.strip()]
-        shown = f"argv={argv}\nstderr:\n{err}"
-        assert "Traceback" not in err and exit_.code == 2 and len(lines) == 1, shown
-        assert lines[0].startswith("rct-dist"), shown
+    out, line = resolved_or_refusal(argv, f"argv={argv}", capsys)
+    if line is not None:
         def names(o: str) -> bool:  # the override, its key or its section, as given or quoted
             key = o.partition("=")[0].strip()
-            return any(c and c in lines[0] for c in (o, repr(o), key, repr(key.split(".")[0])))
+            return any(c and c in line for c in (o, repr(o), key, repr(key.split(".")[0])))
 
-        named = [o for o in overrides if names(o)]
-        assert named, f"the error names none of the overrides\n{shown}"
+        assert any(names(o) for o in overrides), f"the error names none of the overrides\nargv={argv}\n{line}"
         return "refused"
-    out = capsys.readouterr().out
     resolved = yaml.safe_load(out)
     final = dict(o.split("=", 1) for o in overrides)
     for key, value in final.items():
@@ -834,18 +840,11 @@ def test_random_yaml_edits(seed, paths, tmp_path, capsys):
             lines.insert(rng.randrange(len(lines) + 1), line)
             text = "".join(lines)
     path = write_config(tmp_path, text)
-    capsys.readouterr()
-    try:
-        cli.main(["configs", "--resolved", str(path)])
-    except SystemExit as exit_:
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.strip()]
-        shown = f"file:\n{text}\nstderr:\n{err}"
-        assert "Traceback" not in err and exit_.code == 2 and len(lines) == 1, shown
-        assert lines[0].startswith("rct-dist"), shown
+    out, line = resolved_or_refusal(["configs", "--resolved", str(path)], f"file:\n{text}", capsys)
+    if line is not None:
         return
     # Accepted: every leaf the edited file sets is the resolved config's value (the file was read as written).
-    resolved, given = yaml.safe_load(capsys.readouterr().out), yaml.safe_load(text)
+    resolved, given = yaml.safe_load(out), yaml.safe_load(text)
     assert isinstance(given, dict), text
 
     def leaves(tree: dict, prefix: str = ""):
