@@ -379,17 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _adopt_local_rank(local_rank: int | None) -> None:
-    """Launchers that pass `--local_rank=N` also set LOCAL_RANK; when only the argument came, it becomes
-    the variable, so world discovery reads one place. A disagreement is refused."""
-    import os
+    """Launchers that pass `--local_rank=N` also set LOCAL_RANK; the argument becomes the variable (world
+    discovery then reads one place), and a disagreement is refused as a one-line error."""
+    from rct_dist.distributed.world import LaunchError, adopt_local_rank
 
-    if local_rank is None:
-        return
-    current = os.environ.get("LOCAL_RANK")
-    if current is not None and current.strip() != str(local_rank):
-        print(f"rct-dist: --local_rank={local_rank} disagrees with LOCAL_RANK={current}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
-    os.environ["LOCAL_RANK"] = str(local_rank)
+    try:
+        adopt_local_rank(local_rank)
+    except LaunchError as err:
+        print(f"rct-dist: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 TRAIN_EXTRA = ("deepspeed", "timm", "torchvision", "webdataset", "yaml", "tensorboard", "PIL", "safetensors", "tqdm")

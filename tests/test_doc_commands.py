@@ -38,7 +38,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import zipfile
@@ -48,6 +47,9 @@ from typing import Callable
 import numpy as np
 import pytest
 from fake_files import fake_cub as fake_cub_layout, image_bytes as fake_image_bytes, write_files
+from slurm_stand_ins import install as install_slurm_stand_ins, slurm_port
+
+from rct_dist.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -248,68 +250,6 @@ def set_option(words: list[str], name: str, value: str) -> list[str]:
 
 # --- the sandbox -----------------------------------------------------------------------------------
 
-FAKE_SRUN = r"""#!/usr/bin/env bash
-# stand-in for srun on this one machine: start the job step's tasks with SLURM's task variables
-nodes=${SLURM_NNODES:-1}; per_node=${SLURM_NTASKS_PER_NODE:-}; ntasks=
-while [[ $# -gt 0 && "$1" == -* ]]; do
-    case "$1" in
-        --nodes|-N) nodes=$2; shift 2 ;;
-        --nodes=*) nodes=${1#*=}; shift ;;
-        --ntasks-per-node) per_node=$2; shift 2 ;;
-        --ntasks-per-node=*) per_node=${1#*=}; shift ;;
-        --ntasks|-n) ntasks=$2; shift 2 ;;
-        --ntasks=*) ntasks=${1#*=}; shift ;;
-        --*=*) shift ;;
-        *) echo "stand-in srun: unknown option $1" >&2; exit 64 ;;
-    esac
-done
-[[ -n "$per_node" ]] || per_node=$(( ${SLURM_NTASKS:-1} / nodes ))
-ntasks=${ntasks:-$(( nodes * per_node ))}
-pids=()
-for ((i = 0; i < ntasks; i++)); do
-    SLURM_PROCID=$i SLURM_LOCALID=$(( i % per_node )) SLURM_NODEID=$(( i / per_node )) SLURM_NTASKS=$ntasks \
-        SLURM_STEP_NUM_TASKS=$ntasks SLURM_NTASKS_PER_NODE=$per_node "$@" &
-    pids+=($!)
-done
-rc=0
-for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-exit $rc
-"""
-
-FAKE_SBATCH = r"""#!/usr/bin/env bash
-# stand-in for sbatch: run the batch script now, in the foreground, as a 1-node allocation of 2 tasks
-while [[ $# -gt 0 && "$1" == -* ]]; do shift; done
-script=$1; shift
-echo "Submitted batch job $SLURM_JOB_ID"
-export SLURM_NNODES=1 SLURM_NTASKS=2 SLURM_NTASKS_PER_NODE=2 SLURM_CPUS_PER_TASK=1
-exec bash "$script" "$@"
-"""
-
-FAKE_SCONTROL = r"""#!/usr/bin/env bash
-# stand-in for `scontrol show hostnames LIST`
-[[ "$1 $2" == "show hostnames" ]] || exit 64
-tr ',' '\n' <<< "$3"
-"""
-
-
-def slurm_port() -> int:
-    """A free port in 20000-39999, so that SLURM_JOB_ID = port gives the CLI's 20000 + id % 20000 = port."""
-    for port in np.random.default_rng().permutation(np.arange(20000, 40000)):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", int(port)))
-            except OSError:
-                continue
-            return int(port)
-    raise RuntimeError("no free port in 20000-39999")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def base_env(sandbox: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("SLURM_")}
     env.update(PATH=f"{sandbox / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -357,10 +297,7 @@ class Sandbox:
         (root / "shards").mkdir()
         for name in ("cub", "omniglot"):
             (root / "shards" / name).symlink_to(digits)
-        (root / "bin").mkdir()
-        for name, text in (("srun", FAKE_SRUN), ("sbatch", FAKE_SBATCH), ("scontrol", FAKE_SCONTROL)):
-            (root / "bin" / name).write_text(text)
-            (root / "bin" / name).chmod(0o755)
+        install_slurm_stand_ins(root / "bin")
         (root / "bench").symlink_to(ROOT / "bench")
         prepare_launch_folder(root)
         (root / "runs").mkdir()

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from slurm_stand_ins import install as install_slurm_stand_ins
 
 from rct_dist.distributed import free_port
 
@@ -40,26 +41,6 @@ with open(os.path.join(os.environ["PROBE_DIR"], f"rank{dist.get_rank()}.json"), 
 dist.barrier()
 dist.destroy_process_group()
 '''
-
-FAKE_SCONTROL = '''#!/usr/bin/env bash
-# stand-in for `scontrol show hostnames LIST`: one host per line
-[[ "$1 $2" == "show hostnames" ]] || exit 1
-printf '%s\\n' 127.0.0.1 node-b
-'''
-
-FAKE_SRUN = '''#!/usr/bin/env bash
-# stand-in for srun on one node: start SLURM_NTASKS copies with their SLURM_PROCID/SLURM_LOCALID
-while [[ "$1" == --* ]]; do shift; done
-pids=()
-for ((i = 0; i < SLURM_NTASKS; i++)); do
-    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
-    pids+=($!)
-done
-rc=0
-for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-exit $rc
-'''
-
 
 @pytest.fixture()
 def probe_env(tmp_path):
@@ -178,11 +159,7 @@ def test_accelerate_two_machines_on_localhost(probe_env):
 def test_slurm_batch_script_with_stand_in_srun(probe_env, tmp_path):
     """slurm.sbatch as SLURM would run it, one node of 2 tasks, stand-in srun/scontrol: each task is a bare
     `python -m rct_dist.cli world` that reads SLURM's task variables itself."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = install_slurm_stand_ins(tmp_path / "bin", hostnames=["127.0.0.1", "node-b"])  # node-[a-b], here
     env = {**probe_env, "PATH": f"{bin_dir}{os.pathsep}{probe_env['PATH']}", "SLURM_NTASKS": "2", "SLURM_NNODES": "1",
            "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(free_port()),
            "RCT_DIST_ENTRY": "rct_dist.cli"}

@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from slurm_stand_ins import install as install_slurm_stand_ins, slurm_port
 
 from rct_dist.distributed import free_port
-from rct_dist.distributed.world import LaunchError, World, discover_world, first_host
+from rct_dist.distributed.world import (LaunchError, World, adopt_local_rank, check_local_rank, discover_world,
+                                        first_host)
 
 BIN = Path(sys.executable).parent
 
@@ -46,6 +48,20 @@ def test_half_set_variables_are_refused(given, missing):
     with pytest.raises(LaunchError) as info:
         discover_world({given: "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     assert f"{given} is set but {missing} is not" in str(info.value)
+
+
+def test_adopting_the_local_rank_argument_sets_the_variable_or_refuses():
+    """The CLI's `--local_rank` goes through the same check as discovery's, then becomes LOCAL_RANK."""
+    env: dict[str, str] = {}
+    adopt_local_rank(None, env)
+    assert env == {}
+    adopt_local_rank(1, env)
+    assert env == {"LOCAL_RANK": "1"}
+    adopt_local_rank(1, env)  # agreeing again is fine
+    with pytest.raises(LaunchError, match="--local_rank=0 disagrees with LOCAL_RANK=1"):
+        adopt_local_rank(0, env)
+    assert env == {"LOCAL_RANK": "1"}
+    check_local_rank(3, {"LOCAL_RANK": " 3 "})
 
 
 def test_many_ranks_need_the_master():
@@ -132,19 +148,6 @@ def test_a_one_process_job_avoids_an_inherited_port_in_use():
 
 # --- 2 processes through each launcher ------------------------------------------------------------
 
-FAKE_SRUN = """#!/usr/bin/env bash
-# stand-in for srun on one node: SLURM_NTASKS copies, each with its task variables
-while [[ "$1" == -* ]]; do shift; done
-pids=()
-for ((i = 0; i < SLURM_NTASKS; i++)); do
-    SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NUM_TASKS=$SLURM_NTASKS "$@" &
-    pids+=($!)
-done
-rc=0
-for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-exit $rc
-"""
-
 FAKE_MPIRUN = """#!/usr/bin/env bash
 # stand-in for OpenMPI's mpirun -n N on one node: N copies with OpenMPI's rank variables
 [[ "$1" == "-n" ]] || exit 64
@@ -175,9 +178,8 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "M
 
 @pytest.fixture()
 def env(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("fake-mpirun", FAKE_MPIRUN), ("unknown-launcher", FAKE_UNKNOWN)):
+    bin_dir = install_slurm_stand_ins(tmp_path / "bin")
+    for name, text in (("fake-mpirun", FAKE_MPIRUN), ("unknown-launcher", FAKE_UNKNOWN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     clean = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
@@ -217,7 +219,7 @@ def test_torchrun(env, tmp_path):
 
 def test_bare_srun(env, tmp_path):
     """`srun python -m rct_dist.cli ...` with no wrapper: the SLURM task variables are read directly."""
-    slurm = {**env, "SLURM_NTASKS": "2", "SLURM_JOB_ID": str(20000 + free_port()), "SLURM_JOB_NODELIST": "localhost"}
+    slurm = {**env, "SLURM_NTASKS": "2", "SLURM_JOB_ID": str(slurm_port()), "SLURM_JOB_NODELIST": "localhost"}
     seen = _world(["srun", sys.executable, "-m", "rct_dist.cli"], slurm, tmp_path / "seen.json")
     _check(seen, "slurm")
     assert seen[0]["master"] == f"localhost:{20000 + int(slurm['SLURM_JOB_ID']) % 20000}"

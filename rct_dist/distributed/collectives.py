@@ -9,7 +9,6 @@ because torch's own autograd collectives are deprecated or private in the versio
 
 from __future__ import annotations
 
-import socket
 from typing import Sequence
 
 import torch
@@ -19,13 +18,6 @@ import torch.nn.functional as F
 
 # torch 2.14 renamed reduce_scatter_tensor (and deprecated the old name); older torch has only it.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def free_port() -> int:
-    """A TCP port free on this host now, for a single-node rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_distributed() -> bool:

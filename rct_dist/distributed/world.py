@@ -21,6 +21,8 @@ import socket
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping
 
+from rct_dist.distributed.ports import free_port, port_is_free
+
 DEFAULT_PORT = 29500
 # Variables that say "a launcher started this process as one of several" without describing the world.
 _FOREIGN_MARKERS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "MPI_LOCALRANKID")
@@ -176,19 +178,27 @@ def _own_port(environ: Mapping[str, str], source: str) -> int:
     store, and binding it again would fail with "address already in use"."""
     if environ.get("MASTER_PORT"):
         port = _int(environ, "MASTER_PORT", source)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                pass
-    return _free_port()
+        if port_is_free(port):
+            return port
+    return free_port()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def check_local_rank(local_rank: int | None, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a `--local_rank` argument that disagrees with LOCAL_RANK (both pick this process's GPU; a
+    launcher that sets both sets them equal). An unset or empty LOCAL_RANK agrees with anything."""
+    environ = os.environ if environ is None else environ
+    given = (environ.get("LOCAL_RANK") or "").strip()
+    if local_rank is not None and given and given != str(local_rank):
+        raise LaunchError(f"--local_rank={local_rank} disagrees with LOCAL_RANK={environ['LOCAL_RANK']}")
+
+
+def adopt_local_rank(local_rank: int | None, environ: MutableMapping[str, str] | None = None) -> None:
+    """A `--local_rank=N` argument becomes LOCAL_RANK (after `check_local_rank`), so that everything after
+    it (discovery, DeepSpeed, torch) reads one place."""
+    environ = os.environ if environ is None else environ
+    check_local_rank(local_rank, environ)
+    if local_rank is not None:
+        environ["LOCAL_RANK"] = str(local_rank)
 
 
 def discover_world(environ: Mapping[str, str] | None = None, local_rank: int | None = None) -> World:
@@ -198,8 +208,7 @@ def discover_world(environ: Mapping[str, str] | None = None, local_rank: int | N
     it must agree with LOCAL_RANK when both are given.
     """
     environ = os.environ if environ is None else environ
-    if local_rank is not None and environ.get("LOCAL_RANK") and environ["LOCAL_RANK"].strip() != str(local_rank):
-        raise LaunchError(f"--local_rank={local_rank} disagrees with LOCAL_RANK={environ['LOCAL_RANK']}")
+    check_local_rank(local_rank, environ)
     if environ.get("WORLD_SIZE") or environ.get("RANK"):
         return _check(_from_env(environ, local_rank))
     if environ.get("OMPI_COMM_WORLD_SIZE") or environ.get("OMPI_COMM_WORLD_RANK"):
