@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -674,7 +673,9 @@ def plain_worker(config_file: str, mode: str) -> dict[str, Any]:
 
     from rct_dist.config import load_config
     from rct_dist.data.loader import ShardIndex, make_loader
-    from rct_dist.data.transforms import build_transform, preprocess_for
+    from rct_dist.data.transforms import build_transform
+    from rct_dist.distributed import free_port
+    from rct_dist.models.preprocess import preprocess_for
     from rct_dist.train.build import build_task, build_teacher
     from rct_dist.train.feed import DeviceFeed, prepare_models
     from rct_dist.train.loop import seed_everything
@@ -686,10 +687,7 @@ def plain_worker(config_file: str, mode: str) -> dict[str, Any]:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1, **process_group_options(cuda, local_rank))
     seed_everything(cfg.run.seed)
     preprocess = preprocess_for(cfg)

@@ -24,12 +24,13 @@ import webdataset as wds
 from rct_dist.config import Config, load_config
 from rct_dist.data.batch import valid_rows
 from rct_dist.data.loader import TEACHER_FIELD, ShardIndex, make_loader
-from rct_dist.data.transforms import build_transform, preprocess_for
+from rct_dist.data.transforms import build_transform
 from rct_dist.atomic import atomic_write
 from rct_dist.data.shards.writer import INDEX, clean_temp_files
 from rct_dist.distributed import all_gather_stats, world_rank, world_size
 from rct_dist.eval import evaluate, extract_embeddings
 from rct_dist.models import EmbeddingModel, build_raw_features, export_model, load_exported
+from rct_dist.models.preprocess import preprocess_for
 from rct_dist.train import checkpoint
 from rct_dist.train.engine import init_distributed
 from rct_dist.train.build import build_task

@@ -1,5 +1,5 @@
 """docs/architecture.md's rules, enforced: which layer may import which (every import of every module, the
-ones inside functions too), the core importable and working with the trainer's dependencies blocked,
+ones inside functions too; data and models not each other), the core importable and working with the trainer's dependencies blocked,
 and the command line's message when they are missing."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ LAYERS = {  # top-level module or package of rct_dist -> layer number (higher ma
 }
 CORE = {name for name, layer in LAYERS.items() if layer == 0}
 UTILITIES_MAY_IMPORT = {"atomic"}  # utilities: only atomic (and themselves)
+INPUTS = {name for name, layer in LAYERS.items() if layer == 2}  # data and models: neither imports the other
 TRAIN_PACKAGES = ("deepspeed", "timm", "torchvision", "webdataset", "yaml", "tensorboard", "PIL", "safetensors",
                   "tqdm")  # (scipy stays: scikit-learn needs it)
 
@@ -74,6 +75,9 @@ def test_no_module_imports_a_layer_above_its_own():
             problems.append(f"{where} (the core imports the core only)")
         elif LAYERS[src] == 1 and dst not in UTILITIES_MAY_IMPORT:
             problems.append(f"{where} (utilities import only rct_dist.atomic)")
+        elif src in INPUTS and dst in INPUTS:
+            problems.append(f"{where} (data does not import models, models does not import data: models "
+                            "declares a backbone's preprocessing, data applies it, the trainer joins them)")
         elif LAYERS[src] == LAYERS[dst] == 4:
             if not (src in ("study",) and dst == "demo"):  # a study reuses the demo's recipes
                 problems.append(f"{where} (applications do not import each other)")
@@ -89,6 +93,29 @@ def test_no_private_names_cross_modules():
         if private and _top(source) != _top(target):
             problems.append(f"{path.relative_to(ROOT)}:{line} imports {private} from {target}")
     assert not problems, "\n".join(problems)
+
+
+INPUTS_RUN = """
+import sys
+import importlib
+for name in sys.argv[1].split(","):
+    importlib.import_module(name)
+other = sys.argv[2]
+leaked = sorted(m for m in sys.modules if m == other or m.startswith(other + "."))
+assert not leaked, leaked
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("modules, absent", [
+    ("rct_dist.data,rct_dist.data.transforms,rct_dist.data.loader,rct_dist.data.shards", "rct_dist.models"),
+    ("rct_dist.models,rct_dist.models.export,rct_dist.models.preprocess,rct_dist.models.teacher", "rct_dist.data"),
+], ids=["data-without-models", "models-without-data"])
+def test_data_and_models_load_without_each_other(modules, absent):
+    """The rule above at run time: importing one of the inputs packages leaves the other unloaded."""
+    out = subprocess.run([sys.executable, "-c", INPUTS_RUN, modules, absent], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_the_training_loop_imports_nothing_from_jobs_or_the_cli():

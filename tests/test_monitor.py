@@ -18,8 +18,9 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from multiprocess import run_ranks
 from rct_dist.config import config_to_dict, load_config
-from rct_dist.data.transforms import Preprocess, build_transform, preprocess_for, renormalization
+from rct_dist.data.transforms import build_transform
 from rct_dist.models import FrozenTeacher
+from rct_dist.models.preprocess import Preprocess, preprocess_for, renormalization
 from rct_dist.train.monitor import (
     MISSING_THUMBNAIL,
     PROJECTOR_CONFIG,
@@ -271,6 +272,22 @@ def test_backbone_preprocessing_is_resolved_from_timm():
     small = Preprocess.of_backbone("rct_cnn3_small")
     assert small.mean == pytest.approx(IMAGENET_MEAN) and small.std == pytest.approx(IMAGENET_STD)
     assert (small.interpolation, small.crop_pct) == ("bilinear", 1.0)
+
+
+def test_the_transforms_defaults_are_the_default_preprocessing():
+    """data's transforms (which know no backbone) default to what models declares for a backbone without
+    a config, so a transform built without a Preprocess and an export without one agree."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(build_transform).parameters.items()}
+    declared = Preprocess()
+    assert tuple(defaults["mean"]) == declared.mean and tuple(defaults["std"]) == declared.std
+    assert (defaults["interpolation"], defaults["crop_pct"]) == (declared.interpolation, declared.crop_pct)
+    assert Preprocess.of_backbone("no_such_backbone_anywhere") == declared
+    from rct_dist import config
+    from rct_dist.models import preprocess
+
+    assert config.INTERPOLATIONS == preprocess.INTERPOLATIONS  # the config's copy (loads without torch)
 
 
 def test_config_overrides_win_and_are_validated():

@@ -11,9 +11,9 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from rct_dist.data.transforms import Preprocess
 from rct_dist.models import build_model, build_raw_features, export_model, load_as_timm, load_exported
 from rct_dist.models.embedding import create_backbone
+from rct_dist.models.preprocess import Preprocess
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""Models: timm and torchvision backbones with the paper's embedding head, frozen teachers, safetensors and ONNX export.
+"""Models: timm and torchvision backbones with the paper's embedding head and their preprocessing, frozen teachers,
+safetensors and ONNX export.
 
 Importing this package registers the small CNNs (`rct_cnn4`, `rct_cnn3_small`) with timm.
 """
@@ -17,6 +18,7 @@ from rct_dist.models.export import (
     load_exported,
     read_onnx_contract,
 )
+from rct_dist.models.preprocess import Preprocess
 from rct_dist.models.small_cnn import SmallCNN
 from rct_dist.models.teacher import FrozenTeacher
 
@@ -24,6 +26,7 @@ __all__ = [
     "EmbeddingHead",
     "EmbeddingModel",
     "FrozenTeacher",
+    "Preprocess",
     "RawFeatureModel",
     "SmallCNN",
     "build_model",

@@ -36,6 +36,7 @@ from torch import nn
 
 from rct_dist.atomic import atomic_write
 from rct_dist.models.embedding import EmbeddingModel, build_model, create_backbone, head_for
+from rct_dist.models.preprocess import Preprocess
 from rct_dist.models.torchvision_backbones import is_torchvision
 
 FORMAT = "rct-dist-embedding"
@@ -207,12 +208,10 @@ def _require(module: str, purpose: str, hint: str = ONNX_EXTRA_HINT) -> Any:
 
 
 def _preprocess_fields(preprocess: Any) -> dict[str, Any]:
-    """mean, std, interpolation, crop_pct from an object with those attributes (the data package's
-    preprocessing) or a mapping (missing keys: `build_transform`'s defaults); None: the defaults."""
-    from rct_dist.data.transforms import build_transform
-
-    parameters = inspect.signature(build_transform).parameters
-    values = {key: parameters[key].default for key in PREPROCESS_KEYS}
+    """mean, std, interpolation, crop_pct from an object with those attributes (a `Preprocess`) or a
+    mapping (missing keys: `Preprocess()`'s ImageNet defaults); None: the defaults."""
+    defaults = Preprocess()
+    values = {key: getattr(defaults, key) for key in PREPROCESS_KEYS}
     if isinstance(preprocess, dict):
         unknown = sorted(set(preprocess) - set(PREPROCESS_KEYS))
         if unknown:
@@ -253,7 +252,7 @@ def onnx_contract(
             "mean": fields["mean"],
             "std": fields["std"],
         },
-        # the evaluation transform the run measured its students with (rct_dist.data.transforms)
+        # the evaluation transform the run measured its students with: timm's eval recipe, Resize + CenterCrop
         "resize": {
             "shorter_side": math.floor(image_size / fields["crop_pct"]),
             "interpolation": fields["interpolation"],
@@ -335,8 +334,8 @@ def export_onnx(
     """Write `path` (a `.onnx` file): images (N, C, image_size, image_size) float32 -> embeddings (N, D).
 
     The input is what the run's loader feeds the model: RGB scaled to [0, 1], then normalised with
-    `preprocess` (mean/std/interpolation/crop_pct: an object with those attributes or a dict; None:
-    `build_transform`'s defaults). That input contract goes into the model's metadata_props (key
+    `preprocess` (mean/std/interpolation/crop_pct: a `Preprocess`, an object with those attributes or a
+    dict; None: `Preprocess()`'s ImageNet defaults). That input contract goes into the model's metadata_props (key
     `rct_dist.input_contract`) and into `<path>.json`. `batch_dynamic` makes N a free axis.
 
     `opset`: None picks 17 (TorchScript exporter) or 18 (dynamo). `verify` runs the exported model with

@@ -5,7 +5,7 @@ exactly as loaded, whatever a training loop calls (`model.train()` on a parent m
 
 The teacher sees the student's images. When its backbone was trained with another normalisation
 (a CLIP teacher for an ImageNet student, say), `normalize_inputs(scale, shift)` makes it map each input
-x to x * scale + shift first (rct_dist.data.transforms.renormalization), which is exactly its own
+x to x * scale + shift first (rct_dist.models.preprocess.renormalization), which is exactly its own
 normalisation of the same pixels.
 """
 

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from rct_dist.data.transforms import DeviceDecode, Preprocess, normalize_uint8
+from rct_dist.data.transforms import DeviceDecode, normalize_uint8
+from rct_dist.models.preprocess import Preprocess
 
 
 def views_flat(images: torch.Tensor, *per_image: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -23,11 +23,12 @@ from rct_dist.config import Config, ConfigError, config_to_dict, save_config
 from rct_dist.data.batch import valid_rows
 from rct_dist.data.epoch_plan import step_seed
 from rct_dist.data.loader import ShardIndex, make_loader, sample_table
-from rct_dist.data.transforms import Preprocess, build_transform, preprocess_for, renormalization
+from rct_dist.data.transforms import build_transform
 from rct_dist.distributed import world_rank, world_size
 from rct_dist.logs import setup_logging
 from rct_dist.eval import evaluate, extract_embeddings
 from rct_dist.models import export_model
+from rct_dist.models.preprocess import Preprocess, preprocess_for, renormalization
 from rct_dist.train import checkpoint
 from rct_dist.train.build import build_task, build_teacher, teacher_dim
 from rct_dist.train.engine import (build_engine, continue_micro_steps, deepspeed_config, init_distributed,
