@@ -20,6 +20,7 @@ import pytest
 from slurm_stand_ins import install as install_slurm_stand_ins, slurm_port
 
 from rct_dist.distributed import free_port
+from rct_dist.distributed.ports import port_is_free
 from rct_dist.distributed.world import (LaunchError, World, adopt_local_rank, check_local_rank, discover_world,
                                         first_host)
 
@@ -137,12 +138,12 @@ def test_a_one_process_job_avoids_an_inherited_port_in_use():
         held.bind(("127.0.0.1", 0))
         held.listen()
         busy = held.getsockname()[1]
+        assert not port_is_free(busy)
         for env in ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": str(busy)}, {"MASTER_PORT": str(busy)}):
             world = discover_world(env)
             assert world.size == 1 and world.master_port != busy
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
+    free = free_port()
+    assert port_is_free(free)
     assert discover_world({"MASTER_PORT": str(free)}).master_port == free  # a free one is kept
 
 
