@@ -111,6 +111,26 @@ def test_an_interrupted_swap_still_finds_one_complete_checkpoint(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(10)]
 
 
+def test_a_save_after_an_interrupted_swap_keeps_the_new_write(tmp_path, monkeypatch):
+    """After a kill between the swap's renames only `<tag>.replaced` and `<tag>.resave` exist; a save of
+    that step again writes `<tag>` itself, which is then the newest write and the one kept."""
+    save(FakeEngine(), tmp_path, step=8, epoch=0, client_state={"batch": 8}, keep=1)
+    real_replace = os.replace
+
+    def dies_on_the_second_rename(src, dst):
+        if Path(src).name == tag_for(8) + RESAVE:
+            raise KeyboardInterrupt("killed between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("rct_dist.train.checkpoint.os.replace", dies_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save(FakeEngine(), tmp_path, step=8, epoch=1, client_state={"epoch": 1}, keep=1)
+    monkeypatch.setattr("rct_dist.train.checkpoint.os.replace", real_replace)
+    save(FakeEngine(), tmp_path, step=8, epoch=2, client_state={"epoch": 2, "third": True}, keep=1)
+    assert [p.name for _, p in usable_checkpoints(tmp_path)] == [tag_for(8)]
+    assert json.loads((tmp_path / tag_for(8) / MARKER).read_text())["epoch"] == 2
+
+
 def test_interrupted_saves_are_removed_by_the_next_complete_one(tmp_path):
     engine = FakeEngine()
     save(engine, tmp_path, step=1, epoch=0, client_state={}, keep=5)

@@ -82,13 +82,14 @@ def _hashes(tag_folder: Path) -> dict[str, str]:
 
 def _fsync_tree(tag_folder: Path) -> None:
     """Make what this rank sees of a tag durable: every file, every folder, and the tag's entry."""
-    for path in _tag_files(tag_folder):
+    files = _tag_files(tag_folder)
+    for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    for sub in sorted({p.parent for p in _tag_files(tag_folder)} | {tag_folder}, reverse=True):
+    for sub in sorted({p.parent for p in files} | {tag_folder}, reverse=True):
         fsync_dir(sub)
     fsync_dir(tag_folder.parent)
 
@@ -156,12 +157,14 @@ def _swap_in(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _prune(folder: Path, keep: int) -> None:
-    """Rank 0, after a save is complete: one folder per step (the newest write), the newest `keep` steps
-    (all with keep 0), and no folder of an interrupted save."""
+def _prune(folder: Path, keep: int, newest: tuple[int, Path]) -> None:
+    """Rank 0, after the save `newest` (step, folder) is complete: one folder per step (`newest` for its
+    step, else the newer write of an interrupted swap), the newest `keep` steps (all with keep 0), and no
+    folder of an interrupted save."""
     by_step: dict[int, Path] = {}
     for step, path in complete_checkpoints(folder):  # preferred folder of each step last
         by_step[step] = path
+    by_step[newest[0]] = newest[1]
     steps = sorted(by_step)
     kept = {by_step[s] for s in (steps[-keep:] if keep > 0 else steps)}
     for leftover in folder.glob("step*"):
@@ -188,7 +191,7 @@ def save(engine, folder: Path, step: int, epoch: int, client_state: dict[str, An
         atomic_write(path / MARKER, lambda stream: stream.write(marker))
         if resave:
             _swap_in(path, final)
-        _prune(folder, keep)
+        _prune(folder, keep, (step, final))
     _barrier()
     return final
 
