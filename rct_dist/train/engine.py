@@ -191,11 +191,11 @@ def build_engine(
 def norm_statistics_to(module: nn.Module, dtype: torch.dtype) -> None:
     """Cast every BatchNorm's running mean and variance to `dtype`, the dtype of its weights.
 
-    DeepSpeed's `bf16`/`fp16` modes cast parameters to the low dtype; since 0.19 they keep buffers
-    as loaded (fp32), earlier releases cast them too. A BatchNorm with bf16 weights and fp32 running
-    statistics is refused by `batch_norm` ("expected scalar type BFloat16 but found Float"), so every
-    backbone with BatchNorm (ResNets, MobileNets, EfficientNets) would stop at its first step. Here the
-    statistics follow the weights, as with every DeepSpeed release before 0.19.
+    DeepSpeed's `bf16`/`fp16` modes cast parameters to the low dtype; 0.19.8 (tested here) keeps buffers
+    as loaded (fp32), where a blanket `module.bfloat16()` of older releases cast them too. A BatchNorm
+    with bf16 weights and fp32 running statistics is refused by `batch_norm` ("expected scalar type
+    BFloat16 but found Float"), so every backbone with BatchNorm (ResNets, MobileNets, EfficientNets)
+    would stop at its first step. Here the statistics follow the weights whatever the release does.
     """
     for layer in module.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
