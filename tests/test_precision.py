@@ -72,7 +72,7 @@ def _pipeline(rank: int, world: int, tmp: str, data: str, ds: str) -> dict[str, 
         fields = dict(name=name, out=runs, data=data_path, eval_split="test", backbone="rct_cnn3_small", dim=16,
                       teacher="{source: model, backbone: rct_cnn4, embedding_size: 32}", loss="rc", lr="1.0e-3",
                       ds=ds)
-        path = tmp_path / f"{name}.yaml"
+        path = tmp_path / f"{name}.rank{rank}.yaml"  # each rank its own file: no rank reads another's write
         path.write_text(CONFIG.format(**{**fields, **values}))
         metrics = train(load_config(str(path), [f"job={job}"]))
         return {"r1": metrics["recall"][1], "losses": _losses(runs / name) if rank == 0 else []}
@@ -80,7 +80,7 @@ def _pipeline(rank: int, world: int, tmp: str, data: str, ds: str) -> dict[str, 
     results = {"teacher": run("teacher", "train-teacher", backbone="rct_cnn4", dim=32, loss="proxy_anchor",
                               teacher="{}", lr="3.0e-3")}
     export = runs / "teacher" / "export"
-    cfg = load_config(str(tmp_path / "teacher.yaml"), ["job=train-teacher"])
+    cfg = load_config(str(tmp_path / f"teacher.rank{rank}.yaml"), ["job=train-teacher"])
     run_embed(cfg, export, data_path / "train", tmp_path / "embedded", into_shards=tmp_path / "stored" / "train")
     results["export"] = run("from_export", "transfer", teacher=f"{{source: export, export: {export}}}")
     results["model"] = run("from_model", "transfer")
