@@ -1,5 +1,5 @@
 """One-command GPU check: the RC kernels' correctness on the GPU, their timings, then the real trainer in
-each shipped precision against a plain PyTorch loop. Built so that one short call on a lent GPU machine
+each shipped precision against a plain PyTorch loop. Built so that one short call on a borrowed GPU machine
 is never wasted (docs/gpu_check.md).
 
     python bench/gpu_check.py OUT_DIR [--wheels WHEELS_DIR]     # one GPU, about 5 minutes at most
