@@ -70,14 +70,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _files(tag_folder: Path) -> dict[str, int]:
-    """Every file under the tag folder (its marker aside) with its size in bytes."""
-    return {p.relative_to(tag_folder).as_posix(): p.stat().st_size for p in _tag_files(tag_folder)}
-
-
-def _hashes(tag_folder: Path) -> dict[str, str]:
-    """Every file under the tag folder (its marker aside) with its SHA-256."""
-    return {p.relative_to(tag_folder).as_posix(): _sha256(p) for p in _tag_files(tag_folder)}
+def _vouch(tag_folder: Path) -> dict[str, dict[str, Any]]:
+    """What a marker vouches for: every file under the tag folder (its marker aside) with its size in
+    bytes (`files`) and its SHA-256 (`sha256`), from one listing of the folder."""
+    files = {p.relative_to(tag_folder).as_posix(): p for p in _tag_files(tag_folder)}
+    return {"files": {name: p.stat().st_size for name, p in files.items()},
+            "sha256": {name: _sha256(p) for name, p in files.items()}}
 
 
 def _fsync_tree(tag_folder: Path) -> None:
@@ -186,8 +184,7 @@ def save(engine, folder: Path, step: int, epoch: int, client_state: dict[str, An
     _barrier()
     if _is_rank0():
         world = dist.get_world_size() if dist.is_initialized() else 1
-        marker = json.dumps({"step": step, "epoch": epoch, "world": world, "files": _files(path),
-                             "sha256": _hashes(path)}).encode()
+        marker = json.dumps({"step": step, "epoch": epoch, "world": world, **_vouch(path)}).encode()
         atomic_write(path / MARKER, lambda stream: stream.write(marker))
         if resave:
             _swap_in(path, final)
