@@ -13,6 +13,11 @@ augmentation is seeded from (seed, epoch, unit, slot) by the loader, never from 
 * P x K batches: each class's samples in a seeded order cut into groups of K (a class's last group
   of fewer than K is left out this epoch), the groups shuffled, then taken in order into units of P
   groups of distinct classes (a group whose class is already in the unit waits for the next one).
+* Windows (a remote split larger than its node-local cache, `window_shards` = W): the shards in a seeded
+  order, cut into windows of W consecutive shards; plain batches shuffle all samples of a window
+  together, P x K batches are made (as above) from the classes present in the window. The units of a
+  window come before those of the next, so a node reads at most two windows at a time (the one being
+  trained and the next being fetched); the price is a shuffle over W shards instead of the split.
 * Eval: every readable sample once. Rank r takes the r-th of `world` contiguous parts; every rank
   yields the same number of batches, the tail padded with its last sample flagged invalid.
 """
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # Purpose words in the seed sequences: streams for different draws never coincide.
-_ORDER, _PK, _RESAMPLE, _AUGMENT, _STEP = 1, 2, 3, 4, 5
+_ORDER, _PK, _RESAMPLE, _AUGMENT, _STEP, _WINDOW = 1, 2, 3, 4, 5, 6
 
 
 def derived_seed(*words: int) -> int:
@@ -105,11 +110,42 @@ def _pk_units(labels: np.ndarray, p: int, k: int, seed: int, epoch: int, pass_: 
     return units
 
 
+def _window_units(shard: np.ndarray, shards: int, labels: np.ndarray, *, batch_size: int, seed: int, epoch: int,
+                  window: int, pk: tuple[int, int] | None, pass_: int) -> list[np.ndarray]:
+    """One pass of the window plan (module docstring): units of each window of `window` shards in turn."""
+    rng = _rng(seed, epoch, _WINDOW, pass_)
+    order = rng.permutation(shards)
+    units: list[np.ndarray] = []
+    for w, start in enumerate(range(0, shards, window)):
+        ids = np.flatnonzero(np.isin(shard, order[start:start + window]))
+        if pk:
+            units += [ids[u] for u in _pk_units(labels[ids], *pk, seed, epoch, pass_ * (shards + 1) + w + 1)]
+        else:
+            mixed = ids[rng.permutation(len(ids))]
+            units += [mixed[i:i + batch_size] for i in range(0, len(mixed) - batch_size + 1, batch_size)]
+    return units
+
+
 def _train_units(shard: np.ndarray, shards: int, labels: np.ndarray, *, batch_size: int, seed: int, epoch: int,
                  shuffle_buffer: int, resampled: bool, samples_per_epoch: int | None,
-                 pk: tuple[int, int] | None) -> np.ndarray:
+                 pk: tuple[int, int] | None, window_shards: int | None = None) -> np.ndarray:
     n = len(labels)
     wanted = (samples_per_epoch or n) // batch_size
+    if window_shards:
+        if resampled:
+            raise ValueError("data.resampled draws samples from the whole split, which does not fit data.cache_limit "
+                             "here: turn resampled off or raise data.cache_limit above the split's size")
+        units = []
+        for pass_ in range(1 + 4 * max(1, wanted)):  # a bounded number of passes
+            more = _window_units(shard, shards, labels, batch_size=batch_size, seed=seed, epoch=epoch,
+                                 window=window_shards, pk=pk, pass_=pass_)
+            if not more:
+                break
+            units += more
+            if len(units) >= wanted or not samples_per_epoch:
+                break
+        units = units[:wanted] if samples_per_epoch else units
+        return np.stack(units) if units else np.zeros((0, batch_size), np.int64)
     if pk:
         units: list[np.ndarray] = []
         for pass_ in range(1 + 4 * max(1, wanted)):  # a bounded number of passes
@@ -133,9 +169,10 @@ def _train_units(shard: np.ndarray, shards: int, labels: np.ndarray, *, batch_si
 def plan_epoch(shard: np.ndarray, shards: int, labels: np.ndarray, *, rank: int, world: int, batch_size: int,
                train: bool, seed: int, epoch: int, shuffle_buffer: int = 0, resampled: bool = False,
                samples_per_epoch: int | None = None, pk: tuple[int, int] | None = None,
-               start_samples: int = 0) -> EpochPlan:
+               start_samples: int = 0, window_shards: int | None = None) -> EpochPlan:
     """The plan of one rank (see the module docstring); `shard` and `labels` are the sample table's columns.
-    `start_samples`: samples of this epoch's sequence already consumed (a mid-epoch resume)."""
+    `start_samples`: samples of this epoch's sequence already consumed (a mid-epoch resume).
+    `window_shards`: the window plan's shards per window (train only; None: the whole split at once)."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in a world of {world}")
     if not train:
@@ -152,10 +189,13 @@ def plan_epoch(shard: np.ndarray, shards: int, labels: np.ndarray, *, rank: int,
         return EpochPlan(rank, world, batch_size, steps, 0, np.arange(steps), flat.reshape(steps, batch_size),
                          valid.reshape(steps, batch_size))
     units = _train_units(shard, shards, labels, batch_size=batch_size, seed=seed, epoch=epoch,
-                         shuffle_buffer=shuffle_buffer, resampled=resampled, samples_per_epoch=samples_per_epoch, pk=pk)
+                         shuffle_buffer=shuffle_buffer, resampled=resampled, samples_per_epoch=samples_per_epoch, pk=pk,
+                         window_shards=window_shards)
     if len(units) < world:
         raise ValueError(f"{len(labels)} readable samples make {len(units)} batches of {batch_size}"
-                         f"{' (P x K ' + str(pk) + ')' if pk else ''}: not one per rank of {world}")
+                         f"{' (P x K ' + str(pk) + ')' if pk else ''}"
+                         f"{f' in windows of {window_shards} shard(s) (data.cache_limit)' if window_shards else ''}"
+                         f": not one per rank of {world}")
     if start_samples % batch_size:
         raise ValueError(f"a resume point of {start_samples} samples is not a whole number of batches of "
                          f"{batch_size}: data.batch_size must stay what it was when the checkpoint was saved")

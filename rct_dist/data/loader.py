@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import RawArray
@@ -52,62 +53,19 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from rct_dist.data.batch import Batch
 from rct_dist.data.epoch_plan import EpochPlan, augment_seed, plan_epoch
-from rct_dist.data.members import TEACHER_FIELD, SampleTable, build_table, read_exact
+from rct_dist.data.members import TEACHER_FIELD, SampleTable, read_exact
+from rct_dist.data.prefetch import FetchFailed, Prefetcher, wait_for
+from rct_dist.data.splits import INDEX_FORMAT, CacheSettings, ShardIndex, sample_table
 from rct_dist.data.transforms import build_transform
 from rct_dist.distributed.collectives import world_rank, world_size
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = "rct-dist-shards/1"
 SKIP_KINDS = ("damaged_shards", "lost_samples", "bad_images")
 
-__all__ = ["INDEX_FORMAT", "SKIP_KINDS", "TEACHER_FIELD", "Batch", "EpochPlan", "ShardIndex", "ShardLoader", "collate",
+__all__ = ["INDEX_FORMAT", "SKIP_KINDS", "TEACHER_FIELD", "Batch", "CacheSettings", "EpochPlan", "ShardIndex",
+           "ShardLoader", "collate",
            "decode_teacher", "make_loader", "sample_table"]
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """The `index.json` of one split: shard file names and their sample counts."""
-
-    directory: Path  # holds index.json and the shards
-    split: str
-    shards: tuple[str, ...]
-    shard_samples: tuple[int, ...]
-    classes: int
-    class_names: tuple[str, ...]
-    teacher_dim: int | None = None  # size of the samples' stored teacher embeddings, if they carry one
-
-    @property
-    def samples(self) -> int:
-        return sum(self.shard_samples)
-
-    @classmethod
-    def load(cls, path: str | Path) -> ShardIndex:
-        """Read a split directory's index (or an index file) and check it against the shards on disk."""
-        path = Path(path)
-        index_file = path / "index.json" if path.is_dir() else path
-        if not index_file.is_file():
-            raise FileNotFoundError(f"no shard index at {index_file}: write the split's shards first")
-        meta = json.loads(index_file.read_text())
-        if meta.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{index_file}: format {meta.get('format')!r}, expected {INDEX_FORMAT!r}")
-        shards, counts = tuple(meta["shards"]), tuple(int(n) for n in meta["shard_samples"])
-        if len(shards) != len(counts) or sum(counts) != meta["samples"]:
-            raise ValueError(f"{index_file}: shard_samples do not match shards / samples")
-        directory = index_file.parent
-        missing = [s for s in shards if not (directory / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index_file} lists {len(missing)} missing shard(s): {missing[:5]}")
-        teacher = meta.get("teacher")
-        return cls(directory, meta["split"], shards, counts, int(meta["classes"]), tuple(meta["class_names"]),
-                   int(teacher["dim"]) if teacher else None)
-
-
-
-
-def sample_table(index: ShardIndex) -> SampleTable:
-    """Where every readable sample of the split lies (scanned once per process per unchanged shard)."""
-    return build_table(index.directory, index.shards, index.shard_samples, index.classes)
 
 
 class BadImageCounter:
@@ -177,22 +135,43 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 class _Files:
-    """Open shard files of this process, read with `os.pread` (no shared file position)."""
+    """Open shard files of this process, read with `os.pread` (no shared file position). At most `OPEN`
+    stay open (a cached remote shard may be evicted: its space returns once no reader holds it). With
+    `failed` (a remote split's prefetcher flag), a file not there yet is waited for."""
 
-    def __init__(self) -> None:
-        self._fds: dict[tuple[int, str], int] = {}
+    OPEN = 32
+
+    def __init__(self, failed: Any = None) -> None:
+        self._fds: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self.failed = failed
+
+    def _open(self, path: str) -> int:
+        while True:
+            if self.failed is not None:
+                wait_for(path, self.failed)
+            try:
+                return os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                if self.failed is None:
+                    raise  # a local file: gone is gone (evicted cache files are fetched again)
 
     def read(self, path: str, offset: int, size: int) -> bytes:
         key = (os.getpid(), path)
-        if key not in self._fds:
-            self._fds[key] = os.open(path, os.O_RDONLY)
+        if key in self._fds:
+            self._fds.move_to_end(key)
+        else:
+            self._fds[key] = self._open(path)
+            while len(self._fds) > self.OPEN:
+                (pid, _), fd = self._fds.popitem(last=False)
+                if pid == os.getpid():
+                    os.close(fd)
         try:
             return read_exact(self._fds[key], offset, size)
         except EOFError as exn:
             raise EOFError(f"{path}: {exn}") from None
 
     def __getstate__(self) -> dict:
-        return {"_fds": {}}  # descriptors do not travel to workers
+        return {"_fds": OrderedDict(), "failed": self.failed}  # descriptors do not travel to workers
 
     def __del__(self) -> None:
         for (pid, _), fd in self._fds.items():
@@ -205,10 +184,10 @@ class EpochBatches(Dataset):
 
     def __init__(self, table: SampleTable, plan: EpochPlan, *, seed: int, epoch: int, train: bool,
                  transform: Callable[[Any], torch.Tensor], teacher_embeddings: bool, encoded: bool,
-                 bad_images: BadImageCounter) -> None:
+                 bad_images: BadImageCounter, failed: Any = None) -> None:
         self.table, self.plan, self.seed, self.epoch, self.train = table, plan, seed, epoch, train
         self.transform, self.teacher_embeddings, self.encoded = transform, teacher_embeddings, encoded
-        self.bad_images, self.files = bad_images, _Files()
+        self.bad_images, self.files = bad_images, _Files(failed)
 
     def __len__(self) -> int:
         return self.plan.steps
@@ -230,6 +209,8 @@ class EpochBatches(Dataset):
             image = Image.open(io.BytesIO(data))
             image.load()
             return image, teacher
+        except FetchFailed:
+            raise  # the network, not the sample: the loader raises the prefetcher's error
         except Exception as exn:  # noqa: BLE001 - PIL raises many kinds; every one means "unreadable"
             self.bad_images.add()
             log.warning("unreadable sample %s in %s: %r", t.keys[i], path, exn)
@@ -269,8 +250,10 @@ class EpochBatches(Dataset):
 class ShardLoader:
     """Iterable of one epoch's `Batch`es for this rank (`valid` set in eval, `teacher` when asked for)."""
 
-    def __init__(self, batches: DataLoader, plan: EpochPlan, table: SampleTable, bad_images: BadImageCounter):
+    def __init__(self, batches: DataLoader, plan: EpochPlan, table: SampleTable, bad_images: BadImageCounter,
+                 prefetcher: Prefetcher | None = None):
         self._batches, self.plan, self.table, self._bad = batches, plan, table, bad_images
+        self.prefetcher = prefetcher  # a remote split's: fetches the shards of the coming steps
 
     def __len__(self) -> int:
         return self.plan.steps
@@ -282,10 +265,41 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self._bad.reset()
-        yield from self._batches
+        if self.prefetcher is None:
+            yield from self._batches
+        else:
+            yield from self._fetched()
         if any(self.skipped.values()):
             log.warning("rank %d skipped %s this epoch (bad images per worker: %s)",
                         self.plan.rank, self.skipped, self._bad.per_worker())
+
+
+    def _fetched(self) -> Iterator[Batch]:
+        """The batches of a remote split: workers forked first (they inherit no pin), then the prefetcher
+        started; its first step is fetched before the first batch (a resume's first window included)."""
+        prefetcher = self.prefetcher
+        try:
+            batches = iter(self._batches)
+            prefetcher.start()
+            prefetcher.ready(0)
+            for step in range(len(self)):
+                try:
+                    batch = next(batches)
+                except Exception as exn:
+                    if prefetcher.error is not None:
+                        raise prefetcher.error from None  # the one-line store error, not a worker's echo
+                    raise exn
+                yield batch
+                prefetcher.consumed(step + 1)
+            if prefetcher.error is not None:
+                raise prefetcher.error
+        finally:
+            prefetcher.close()
+            stats = prefetcher.cache.stats if prefetcher.cache is not None else None
+            if stats is not None and stats.downloads:
+                log.info("rank %d fetched %d shard(s), %.1f MB (%d refetched after a bad download, %d evicted)",
+                         self.plan.rank, stats.downloads, stats.downloaded_bytes / 1e6, stats.refetches,
+                         stats.evictions)
 
 
 def make_loader(
@@ -308,6 +322,8 @@ def make_loader(
     teacher_embeddings: bool = False,
     decode: str = "cpu",
     start_samples: int = 0,
+    cache: CacheSettings | None = None,
+    prefetch_steps: int | None = None,
 ) -> ShardLoader:
     """Batches of one epoch of a split, for this rank (`batch_size` is per rank), as `Batch`es
     (rct_dist/data/batch.py).
@@ -321,6 +337,11 @@ def make_loader(
     `Batch.teacher` with each sample's stored teacher embedding, (B, dim) float32: one per image, shared
     by its views. `decode="gpu"` (train, CUDA only) yields each batch's images as a list of encoded bytes
     instead (see the module docstring); `transform` and `views` then belong to the consumer.
+
+    A remote split (`split` a URL, or an index loaded from one) is read through the node-local shard cache
+    (`cache`: folder, byte limit, retries; rct_dist/data/shard_cache.py), its shards fetched
+    `prefetch_steps` steps ahead (default: enough for the workers' own read-ahead). A split larger than
+    the cache limit is planned in windows of shards (rct_dist/data/epoch_plan.py).
     """
     if decode not in ("cpu", "gpu"):
         raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
@@ -330,7 +351,7 @@ def make_loader(
         if not torch.cuda.is_available():
             raise ValueError("data.decode: gpu decodes JPEGs with CUDA (torchvision.io.decode_jpeg on the GPU), "
                              "but torch sees no CUDA device here: use data.decode: cpu")
-    index = split if isinstance(split, ShardIndex) else ShardIndex.load(split)
+    index = split if isinstance(split, ShardIndex) else ShardIndex.load(split, cache)
     if teacher_embeddings and index.teacher_dim is None:
         raise ValueError(f"split {index.split!r} ({index.directory}) holds no teacher embeddings: its index.json "
                          "has no 'teacher' entry; write them with `rct-dist embed --into-shards`")
@@ -344,12 +365,19 @@ def make_loader(
     rank = world_rank() if rank is None else rank
     world = world_size() if world is None else world
     table = sample_table(index)
+    window = index.remote.window_shards() if train and index.remote is not None else None
     plan = plan_epoch(table.shard, len(index.shards), table.labels, rank=rank, world=world, batch_size=batch_size,
                       train=train, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, resampled=resampled,
-                      samples_per_epoch=samples_per_epoch, pk=pk, start_samples=start_samples)
+                      samples_per_epoch=samples_per_epoch, pk=pk, start_samples=start_samples, window_shards=window)
+    prefetcher = None
+    if index.remote is not None:
+        lookahead = prefetch_steps if prefetch_steps is not None else 2 * workers + 3  # DataLoader reads 2 ahead
+        prefetcher = Prefetcher(index.remote, [np.unique(table.shard[b]) for b in plan.batches], lookahead,
+                                window * index.remote.largest_shard if window else None)
     bad_images = BadImageCounter(workers)
     dataset = EpochBatches(table, plan, seed=seed, epoch=epoch, train=train,
                            transform=Views(transform or build_transform(image_size, train), views),
-                           teacher_embeddings=teacher_embeddings, encoded=decode == "gpu", bad_images=bad_images)
+                           teacher_embeddings=teacher_embeddings, encoded=decode == "gpu", bad_images=bad_images,
+                           failed=prefetcher.failed if prefetcher is not None else None)
     batches = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
-    return ShardLoader(batches, plan, table, bad_images)
+    return ShardLoader(batches, plan, table, bad_images, prefetcher)

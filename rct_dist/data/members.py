@@ -6,7 +6,7 @@ free: the samples before the resume point are never read. Building the table rea
 512-byte header and the few bytes of its `.cls` member; images are never decoded here.
 
 A sample is the run of consecutive members sharing a key (webdataset's convention: the basename up
-to its first dot), with an image (`png`, `jpg` or `jpeg`) and a `cls` holding its integer label, and
+to its first dot), with an image (`png`, `jpg`, `jpeg` or `webp`) and a `cls` holding its integer label, and
 optionally `teacher.npy`. Every other member (`json`, anything else, a pickle) is ignored: never
 read, never unpickled. Damage is counted, not fatal:
 
@@ -25,13 +25,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 TEACHER_FIELD = "teacher.npy"  # a sample's stored teacher embedding
 
 
@@ -243,18 +243,21 @@ def _save_cache(file: Path, signature: tuple, table: SampleTable) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def build_table(directory: Path, shards: tuple[str, ...], shard_samples: tuple[int, ...], classes: int) -> SampleTable:
+def build_table(directory: Path, shards: tuple[str, ...], shard_samples: tuple[int, ...], classes: int,
+                signature: tuple | None = None, prepare: Callable[[int], Any] | None = None) -> SampleTable:
     """The table of a split (see the module docstring): kept in memory, and in `CACHE_NAME` beside the
-    index for later processes, both checked against every shard's size and modification time."""
+    index for later processes, both checked against every shard's size and modification time (or against
+    `signature`, for shards that are not all on disk: a remote split's cache). `prepare(i)`, when given,
+    makes shard i's file present before it is scanned and returns something with `release()`."""
     paths = tuple(str(directory / name) for name in shards)
-    signature = _signature(paths, classes)
+    signature = _signature(paths, classes) if signature is None else signature
     key = (str(directory), signature)
     if key in _tables:
         return _tables[key]
     cache = Path(directory) / CACHE_NAME
     table = _load_cache(cache, signature, paths)
     if table is None:
-        table = _scan_split(paths, shard_samples, classes)
+        table = _scan_split(paths, shard_samples, classes, prepare)
         _save_cache(cache, signature, table)
     if any(table.damage.values()):
         log.warning("split %s: %d damaged shard(s), %d sample(s) of index.json unreadable", directory,
@@ -263,8 +266,16 @@ def build_table(directory: Path, shards: tuple[str, ...], shard_samples: tuple[i
     return table
 
 
-def _scan_split(paths: tuple[str, ...], shard_samples: tuple[int, ...], classes: int) -> SampleTable:
-    tables = [scan_shard(path, classes) for path in paths]
+def _scan_split(paths: tuple[str, ...], shard_samples: tuple[int, ...], classes: int,
+                prepare: Callable[[int], Any] | None = None) -> SampleTable:
+    tables = []
+    for i, path in enumerate(paths):
+        held = prepare(i) if prepare is not None else None
+        try:
+            tables.append(scan_shard(path, classes))
+        finally:
+            if held is not None:
+                held.release()
     damage = {"damaged_shards": 0, "lost_samples": 0}
     for path, table, announced in zip(paths, tables, shard_samples):
         lost = max(0, announced - len(table.keys))
