@@ -200,7 +200,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    root: str = ""  # shards folder holding <split>/index.json; ${ENV} references are expanded at load
+    root: str = ""  # shards folder holding <split>/index.json, or s3://, gs://, http(s):// (${ENV} expanded at load)
     train_split: str = checked("train", split_name)
     eval_split: str = checked("test", split_name)
     val_split: str | None = checked(None, val_split_name)  # held-out training classes (make-shards --val-classes): model selection
@@ -222,6 +222,11 @@ class DataConfig:
     # Train input pipeline speed (eval always decodes and normalises on the CPU).
     decode: str = checked("cpu", one_of(*DECODES))  # "gpu": JPEG decode, crop, flip and normalise on the GPU (CUDA only)
     uint8_batches: bool = False  # keep crops uint8 through collation; normalise on the training device
+    # A remote data.root: whole shards through a node-local cache (rct_dist/data/shard_cache.py).
+    cache_dir: str | None = None  # null: $RCT_DIST_CACHE, else ~/.cache/rct-dist/shards (one per node, shared by its ranks)
+    cache_limit: int | None = checked(None, positive)  # bytes; null: no limit. Below the split's size: the window plan
+    retries: int = checked(5, non_negative)  # further attempts (exponential backoff) on timeouts, dropped connections, 5xx
+    prefetch_steps: int | None = checked(None, positive)  # steps fetched ahead; null: 2 x workers + 3
 
 
 @dataclass
@@ -404,7 +409,7 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Path-valued keys: ${ENV} references in them are expanded at load, and pkg:PACKAGE/path names a file inside
 # an installed Python package.
 _PATH_KEYS = (
-    ("run", "out_dir"), ("run", "resume"), ("data", "root"), ("model", "pretrained_file"),
+    ("run", "out_dir"), ("run", "resume"), ("data", "root"), ("data", "cache_dir"), ("model", "pretrained_file"),
     ("teacher", "pretrained_file"), ("teacher", "export"), ("deepspeed", "config"),
 )
 
@@ -611,6 +616,9 @@ def ignored_keys(config: Config) -> list[tuple[str, str]]:
         why = ("with data.pk (P x K batches take each class's samples in a seeded order, whole classes at a "
                "time: no shuffle window, no draws with replacement)")
         ignored += [("data.shuffle_buffer", why), ("data.resampled", why)]
+    if config.data.root and "://" not in config.data.root:  # a URL root (data/stores.py checks its scheme)
+        ignored += [(f"data.{key}", "with a local data.root (the shard cache serves s3://, gs:// and http(s):// roots)")
+                    for key in ("cache_dir", "cache_limit", "retries", "prefetch_steps")]
     supervised = config.job == "train-teacher" or config.loss.supervised_weight > 0
     for name in LOSSES:
         if name == config.loss.name or (name == "proxy_anchor" and supervised):

@@ -24,6 +24,8 @@ import webdataset as wds
 from rct_dist.config import Config, load_config
 from rct_dist.data.batch import valid_rows
 from rct_dist.data.loader import TEACHER_FIELD, ShardIndex, make_loader
+from rct_dist.data.splits import cache_settings, split_location
+from rct_dist.data.stores import is_remote
 from rct_dist.data.transforms import build_transform
 from rct_dist.atomic import atomic_write
 from rct_dist.data.shards.writer import INDEX, clean_temp_files
@@ -70,7 +72,7 @@ def embed_with(model: torch.nn.Module, split: Path, cfg: Config, device: torch.d
     model = model.to(device).eval()
     preprocess = preprocess_for(cfg, model.config["backbone"])
     loader = make_loader(split, batch_size=cfg.eval.batch_size, train=False, image_size=cfg.data.image_size,
-                         workers=cfg.data.workers,
+                         workers=cfg.data.workers, cache=cache_settings(cfg.data), prefetch_steps=cfg.data.prefetch_steps,
                          transform=build_transform(cfg.data.image_size, False, **preprocess.transform_kwargs()))
     embeddings, labels, keys = extract_embeddings(model, valid_rows(loader), device=device)
     return embeddings.cpu(), labels.cpu(), keys
@@ -81,7 +83,7 @@ def run_eval(cfg: Config, export: str | os.PathLike | None = None, data: str | o
     """Recall@K, MAP@R (and NMI) of an export on a split; by default the run's export on its eval split."""
     init_distributed()
     export = Path(export) if export else Path(cfg.run.out_dir) / cfg.run.name / "export"
-    data = Path(data) if data else Path(cfg.data.root) / cfg.data.eval_split
+    data = data or split_location(cfg.data.root, cfg.data.eval_split)
     embeddings, labels, keys = embed_split(export, data, cfg, _device())
     metrics = evaluate(embeddings, labels, ks=tuple(cfg.eval.ks), metric=cfg.eval.metric, with_nmi=with_nmi)
     return {"export": str(export), "data": str(data), "samples": len(keys), **metrics}
@@ -96,7 +98,7 @@ def run_eval_raw(cfg: Config, data: str | os.PathLike | None = None, with_nmi: b
     m = cfg.model
     model = build_raw_features(m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
                                feature_blocks=m.feature_blocks)
-    data = Path(data) if data else Path(cfg.data.root) / cfg.data.eval_split
+    data = data or split_location(cfg.data.root, cfg.data.eval_split)
     embeddings, labels, keys = embed_with(model, data, cfg, _device())
     metrics = evaluate(embeddings, labels, ks=tuple(cfg.eval.ks), metric=cfg.eval.metric, with_nmi=with_nmi)
     return {"raw_features": m.backbone, "pretrained": bool(m.pretrained or m.pretrained_file),
@@ -190,8 +192,13 @@ def write_teacher_shards(index: ShardIndex, embedded: Embedded, target: Path, ex
 def run_embed(cfg: Config, export: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
               into_shards: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
     """An export's embeddings of a split, written to `out` (rank 0), and optionally into new shards."""
-    export, data, out = Path(export), Path(data), Path(out)
-    index = ShardIndex.load(data)  # a missing split or a refused target fails before any process group
+    export, out = Path(export), Path(out)
+    remote = is_remote(data)
+    data = str(data) if remote else Path(data)
+    index = ShardIndex.load(data, cache_settings(cfg.data))  # a missing split fails before any process group
+    if into_shards is not None and remote:
+        raise ValueError(f"--into-shards copies the split's shards with the embeddings added, from a local folder; "
+                         f"{data} is remote: copy it to a local folder first, or embed without --into-shards")
     if into_shards is not None:
         _check_shard_target(data, Path(into_shards), overwrite)
     init_distributed()

@@ -22,6 +22,8 @@ from typing import Any
 
 from rct_dist.config import Config, ConfigError, resolve_deepspeed_config
 from rct_dist.data.loader import ShardIndex
+from rct_dist.data.splits import CacheSettings, cache_settings, split_location
+from rct_dist.data.stores import StoreError, is_remote
 
 INDEX = "index.json"
 
@@ -33,11 +35,20 @@ def _world_size() -> int:
     return discover_world().size
 
 
-def load_split(key: str, folder: str | os.PathLike, how: str = "write it with `rct-dist make-shards`") -> ShardIndex:
-    """The index of the split `key` names, or a ConfigError naming the key and the file."""
+def load_split(key: str, folder: str | os.PathLike, how: str = "write it with `rct-dist make-shards`",
+               cache: CacheSettings | None = None) -> ShardIndex:
+    """The index of the split `key` names, or a ConfigError naming the key and the file (or the object)."""
+    if is_remote(folder):
+        try:
+            return ShardIndex.load(folder, cache)
+        except (OSError, ImportError, StoreError) as error:
+            raise ConfigError(f"{key}: {error}") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{key}: {folder} has no valid shard index ({error}); {how}") from None
     folder = Path(folder)
     index_file = folder / INDEX if folder.suffix != ".json" else folder
-    if not index_file.is_file():
+    tars = folder.is_dir() and any(p.suffix == ".tar" for p in folder.iterdir())
+    if not index_file.is_file() and not tars:
         where = f"{folder} does not exist" if not folder.exists() else f"{folder} holds no {INDEX}"
         raise ConfigError(f"{key}: no shard index at {index_file} ({where}); {how}")
     try:
@@ -112,11 +123,13 @@ def _check_ks(cfg: Config, key: str, index: ShardIndex) -> None:
                           f"samples, but {key} {index.directory} has {index.samples}")
 
 
-def _split_folder(cfg: Config, key: str) -> Path:
+def _split_folder(cfg: Config, key: str) -> str | Path:
     split = getattr(cfg.data, key.split(".")[1])
     if not cfg.data.root and not Path(split).is_absolute():
         raise ConfigError("data.root is not set: give the shards folder that holds <split>/index.json "
                           "(e.g. data.root=shards/cub, or in the config file)")
+    if is_remote(cfg.data.root):
+        return split_location(cfg.data.root, split)
     root = Path(cfg.data.root)
     if cfg.data.root and not root.is_dir():
         raise ConfigError(f"data.root: {root} {'is a file, not' if root.exists() else 'is not'} a folder "
@@ -127,7 +140,9 @@ def _split_folder(cfg: Config, key: str) -> Path:
 def check_data(cfg: Config, world: int) -> ShardIndex:
     """The train, eval and validation splits exist and fit the batch settings; returns the train index."""
     how = "write it with `rct-dist make-shards`, or fix data.root / {key}"
-    train = load_split("data.train_split", _split_folder(cfg, "data.train_split"), how.format(key="data.train_split"))
+    cache = cache_settings(cfg.data)
+    train = load_split("data.train_split", _split_folder(cfg, "data.train_split"), how.format(key="data.train_split"),
+                       cache)
     d = cfg.data
     if d.pk is not None and d.pk[0] > train.classes:
         raise ConfigError(f"data.pk={d.pk}: P={d.pk[0]} classes per batch, but the train split {train.directory} "
@@ -145,7 +160,7 @@ def check_data(cfg: Config, world: int) -> ShardIndex:
     for key in ("data.eval_split", "data.val_split"):
         if key == "data.val_split" and d.val_split is None:
             continue
-        index = load_split(key, _split_folder(cfg, key), how.format(key=key))
+        index = load_split(key, _split_folder(cfg, key), how.format(key=key), cache)
         _check_ks(cfg, key, index)
     return train
 
@@ -239,11 +254,12 @@ def check_eval_inputs(cfg: Config, export: str | None, data: str | None, raw: bo
         check_export("--export" if export else "the run's export (run.out_dir/run.name/export)",
                      export or Path(cfg.run.out_dir) / cfg.run.name / "export")
     if data:
-        index = load_split("--data", data, "give a split folder that holds index.json")
+        index = load_split("--data", data, "give a split folder that holds index.json", cache_settings(cfg.data))
         key = "--data"
     else:
         key = "data.eval_split"
-        index = load_split(key, _split_folder(cfg, key), "fix data.root / data.eval_split, or give --data")
+        index = load_split(key, _split_folder(cfg, key), "fix data.root / data.eval_split, or give --data",
+                           cache_settings(cfg.data))
     _check_ks(cfg, key, index)
 
 

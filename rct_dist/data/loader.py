@@ -55,7 +55,7 @@ from rct_dist.data.batch import Batch
 from rct_dist.data.epoch_plan import EpochPlan, augment_seed, plan_epoch
 from rct_dist.data.members import TEACHER_FIELD, SampleTable, read_exact
 from rct_dist.data.prefetch import FetchFailed, Prefetcher, wait_for
-from rct_dist.data.splits import INDEX_FORMAT, CacheSettings, ShardIndex, sample_table
+from rct_dist.data.splits import INDEX_FORMAT, CacheSettings, ShardIndex, sample_table, window_shards
 from rct_dist.data.transforms import build_transform
 from rct_dist.distributed.collectives import world_rank, world_size
 
@@ -365,7 +365,7 @@ def make_loader(
     rank = world_rank() if rank is None else rank
     world = world_size() if world is None else world
     table = sample_table(index)
-    window = index.remote.window_shards() if train and index.remote is not None else None
+    window = window_shards(index) if train else None
     plan = plan_epoch(table.shard, len(index.shards), table.labels, rank=rank, world=world, batch_size=batch_size,
                       train=train, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, resampled=resampled,
                       samples_per_epoch=samples_per_epoch, pk=pk, start_samples=start_samples, window_shards=window)

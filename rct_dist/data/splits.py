@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rct_dist.data.members import SampleTable, build_table, scan_shard
 from rct_dist.data.prefetch import RemoteSplit
@@ -222,6 +223,11 @@ def _remote_foreign_meta(store: RemoteStore, folder: Path, cache: CacheSettings,
     return meta, shards, counts, _sizes(store, shards), [None] * len(shards)
 
 
+def window_shards(index: ShardIndex) -> int | None:
+    """Shards per window of the train plan: None unless a remote split is larger than its cache limit."""
+    return index.remote.window_shards() if index.remote is not None else None
+
+
 def content_signature(index: ShardIndex) -> tuple:
     """What identifies a remote split's shards: names, sizes and checksums from its index (no mtimes)."""
     assert index.remote is not None
@@ -252,5 +258,11 @@ def sample_table(index: ShardIndex) -> SampleTable:
                        prepare=local)
 
 
-def join_split(root: str, split: str) -> str:
-    return join(root, split)
+def split_location(root: str, split: str) -> str:
+    """Where split `split` of `data.root` lives: a local path (an absolute `split` stands alone) or a URL."""
+    return join(root, split) if root else split
+
+
+def cache_settings(data: Any) -> CacheSettings:
+    """The cache settings of a config's data section (anything with cache_dir, cache_limit and retries)."""
+    return CacheSettings(data.cache_dir, data.cache_limit, data.retries)

@@ -23,6 +23,7 @@ from rct_dist.config import Config, ConfigError, config_to_dict, save_config
 from rct_dist.data.batch import valid_rows
 from rct_dist.data.epoch_plan import step_seed
 from rct_dist.data.loader import ShardIndex, make_loader, sample_table
+from rct_dist.data.splits import cache_settings, split_location, window_shards
 from rct_dist.data.transforms import build_transform
 from rct_dist.distributed import world_rank, world_size
 from rct_dist.logs import setup_logging
@@ -91,8 +92,9 @@ def run_evaluation(cfg: Config, net: nn.Module, dtype: torch.dtype, device: torc
     """Recall@K and MAP@R of `net` on `split` (default the eval split); `pictures`: also the retrieval
     picture and projector sample the config asks for (the test split's, not the validation split's)."""
     preprocess = preprocess or preprocess_for(cfg)
-    loader = make_loader(Path(cfg.data.root) / (split or cfg.data.eval_split), batch_size=cfg.eval.batch_size, train=False,
-                         image_size=cfg.data.image_size, workers=cfg.data.workers,
+    loader = make_loader(split_location(cfg.data.root, split or cfg.data.eval_split), batch_size=cfg.eval.batch_size,
+                         train=False, image_size=cfg.data.image_size, workers=cfg.data.workers,
+                         cache=cache_settings(cfg.data), prefetch_steps=cfg.data.prefetch_steps,
                          transform=build_transform(cfg.data.image_size, False, **preprocess.transform_kwargs()))
     cache = ThumbnailCache(mean=preprocess.mean, std=preprocess.std)
     embeddings, labels, keys = extract_embeddings(_Embedder(net, dtype), cache.watch(valid_rows(loader)),
@@ -148,7 +150,8 @@ def plan_inputs(cfg: Config, train_index: ShardIndex) -> dict[str, Any]:
     return {"seed": cfg.run.seed, "batch_size": cfg.data.batch_size, "pk": list(cfg.data.pk or []),
             **(plain if not cfg.data.pk else {}),
             "samples_per_epoch": cfg.data.samples_per_epoch, "train_split": cfg.data.train_split,
-            "readable_samples": len(table), "shards": len(train_index.shards)}
+            "readable_samples": len(table), "shards": len(train_index.shards),
+            **({"window_shards": window} if (window := window_shards(train_index)) else {})}
 
 
 def check_plan(saved: dict[str, Any] | None, current: dict[str, Any], start: Path) -> None:
@@ -222,9 +225,10 @@ def train(cfg: Config) -> dict[str, Any]:
                       results_file=run_dir / "results.jsonl")
     preprocess = preprocess_for(cfg)
     seed_everything(cfg.run.seed)
-    train_index = ShardIndex.load(Path(cfg.data.root) / cfg.data.train_split)
+    cache = cache_settings(cfg.data)
+    train_index = ShardIndex.load(split_location(cfg.data.root, cfg.data.train_split), cache)
     if cfg.data.val_split:
-        ShardIndex.load(Path(cfg.data.root) / cfg.data.val_split)  # a missing validation split fails now
+        ShardIndex.load(split_location(cfg.data.root, cfg.data.val_split), cache)  # a missing one fails now
     task = build_task(cfg, train_index.classes, teacher_dim(cfg, train_index) if cfg.job == "transfer" else None)
     pk = tuple(cfg.data.pk) if cfg.data.pk else None
     loader_args = dict(batch_size=cfg.data.batch_size, train=True, image_size=cfg.data.image_size,
@@ -235,7 +239,7 @@ def train(cfg: Config) -> dict[str, Any]:
                                                  hflip=cfg.data.hflip, uint8=cfg.data.uint8_batches,
                                                  **preprocess.transform_kwargs()),
                        teacher_embeddings=cfg.job == "transfer" and cfg.teacher.source == "shards",
-                       decode=cfg.data.decode)
+                       decode=cfg.data.decode, prefetch_steps=cfg.data.prefetch_steps)
     first_epoch = make_loader(train_index, epoch=0, **loader_args)
     batches_per_epoch = len(first_epoch)  # per rank; P x K epochs may differ by a batch or two
     accumulation = cfg.deepspeed.gradient_accumulation_steps
