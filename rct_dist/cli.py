@@ -77,7 +77,8 @@ def add_make_shards_arguments(parser: argparse.ArgumentParser) -> None:
     positive_int = _int_at_least(1)
     parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="dataset layout to read")
     parser.add_argument("--root", type=Path, help="dataset folder (not needed for digits)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder; one subfolder per split")
+    parser.add_argument("--out", required=True,
+                        help="output folder, or a bucket/URL prefix (s3://, gs://); one subfolder per split")
     parser.add_argument(
         "--split-classes", choices=("half", "none"), default="half",
         help="folder source: first half of the sorted classes -> train, second half -> test; or one split",
@@ -99,6 +100,9 @@ def add_make_shards_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, help="writer processes")
     parser.add_argument("--overwrite", action="store_true", help="replace splits made with different arguments")
+    parser.add_argument("--stage", type=Path,
+                        help="with a URL --out: local folder the splits are written to before the upload "
+                        "(default: under the shard cache's root; deleted after the upload)")
 
 
 def shard_options(args: argparse.Namespace):
@@ -116,10 +120,11 @@ def _make_shards(args: argparse.Namespace) -> None:
     from rct_dist.data import shards
     from rct_dist.preflight import check_folder_argument
 
-    check_folder_argument("--out", args.out)
+    if "://" not in args.out:
+        check_folder_argument("--out", args.out)
     try:
         summary = shards.run(shard_options(args))
-    except (ValueError, FileExistsError, FileNotFoundError) as error:  # bad arguments or data: one line
+    except (ValueError, OSError, ImportError) as error:  # bad arguments or data, or the store refused: one line  # bad arguments or data: one line
         print(f"rct-dist make-shards: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     print(json.dumps(summary, indent=2))

@@ -21,9 +21,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from rct_dist.data.members import SampleTable, build_table, scan_shard
+from rct_dist.data.members import CACHE_NAME, SampleTable, build_table, scan_shard
 from rct_dist.data.prefetch import RemoteSplit
 from rct_dist.data.shard_cache import ShardSpec
 from rct_dist.data.stores import MissingObject, RemoteStore, is_remote, join
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 INDEX_FORMAT = "rct-dist-shards/1"
 INDEX = "index.json"
 FOREIGN_INDEX = ".rct-index.json"
-MEMBERS = ".rct-members.npz"
+MEMBERS = CACHE_NAME  # the sample table, beside the index (make-shards --out URL uploads it)
 _NO_CLASS_LIMIT = 1 << 62
 
 
@@ -228,10 +228,14 @@ def window_shards(index: ShardIndex) -> int | None:
     return index.remote.window_shards() if index.remote is not None else None
 
 
-def content_signature(index: ShardIndex) -> tuple:
+def content_signature_of(classes: int, specs: Sequence[ShardSpec]) -> tuple:
     """What identifies a remote split's shards: names, sizes and checksums from its index (no mtimes)."""
+    return ("content", classes, tuple((s.name, s.size, s.sha256) for s in specs))
+
+
+def content_signature(index: ShardIndex) -> tuple:
     assert index.remote is not None
-    return ("content", index.classes, tuple((s.name, s.size, s.sha256) for s in index.remote.specs))
+    return content_signature_of(index.classes, index.remote.specs)
 
 
 def sample_table(index: ShardIndex) -> SampleTable:

@@ -38,7 +38,7 @@ PART_BYTES = 64 << 20  # objects larger than this download as parallel ranged pa
 PART_THREADS = 8
 
 
-class StoreError(RuntimeError):
+class StoreError(OSError):
     """An object could not be read or written; the message is one line naming it and what to do."""
 
 

@@ -7,6 +7,11 @@ classes are disjoint, and each split's labels are 0..C-1 in its own class order.
 Unreadable images are skipped, logged and listed under "skipped" in the index and the summary, rather than
 failing a long run on one bad file; a split where every image is unreadable is an error.
 
+`--out` may be a bucket or URL prefix (`s3://bucket/prefix`, `gs://...`; rct_dist/data/stores.py): the splits are
+written to a local staging folder (`--stage`, default a folder in the shard cache's root), then each split's shards,
+its sample table and, last, its index are uploaded; the staging copy is deleted after the upload. A split already in
+the bucket with the same arguments is left alone; one made with other arguments needs `--overwrite`.
+
 From Python: `make_shards(source, out, **keywords)`, or `run(ShardOptions(...))`; the command line
 (rct_dist/cli.py) parses its flags into a `ShardOptions`.
 """
@@ -20,9 +25,11 @@ from pathlib import Path
 from typing import Callable
 
 import rct_dist
+from rct_dist.data.stores import is_remote
 from rct_dist.data.shards.omniglot import omniglot
 from rct_dist.data.shards.plan import Listing, SplitPlan, first_classes, hold_out, make_plan
 from rct_dist.data.shards.sources import cars, cub, digits, folder, sop, split_names
+from rct_dist.data.shards.upload import upload_run
 from rct_dist.data.shards.writer import (
     FORMAT,
     clean_temp_files,
@@ -62,7 +69,7 @@ class ShardOptions:
     a bad value raises ValueError naming the option. `out` and `root` take a str or a Path (kept as Path)."""
 
     source: str
-    out: Path
+    out: Path | str  # a local folder (kept as Path) or a URL prefix (kept as str)
     root: Path | None = None
     split_classes: str = "half"  # folder source: "half" (train/test by class halves) or "none" (one split)
     split: str = "train"  # folder source with split_classes "none": the split's name
@@ -73,15 +80,22 @@ class ShardOptions:
     val_seed: int | None = None  # default 0, with val_classes only
     workers: int = DEFAULT_WORKERS
     overwrite: bool = False
+    stage: Path | None = None  # remote --out: the local folder the splits are written to before the upload
 
     def __post_init__(self) -> None:
-        for name in ("out", "root"):
+        for name in ("out", "root", "stage"):
             value = getattr(self, name)
-            if value is None and name == "root":
+            if value is None and name != "out":
                 continue
             if not isinstance(value, (str, os.PathLike)):
-                raise ValueError(f"--{name} must be a path, got {value!r}")
-            object.__setattr__(self, name, Path(value))
+                raise ValueError(f"--{name} must be a path{' or a URL' if name == 'out' else ''}, got {value!r}")
+            try:
+                remote = is_remote(value)
+            except ValueError as error:
+                raise ValueError(f"--{name}: {error}") from None
+            if remote and name != "out":
+                raise ValueError(f"--{name} must be a local path, got {value!r}")
+            object.__setattr__(self, name, str(value).rstrip("/") if remote else Path(value))
         check_args(self)
         validation(self)
 
@@ -189,6 +203,8 @@ def run(args: ShardOptions) -> dict:
     """Write every split not already finished with the same arguments; return a summary per split."""
     if not isinstance(args, ShardOptions):
         raise TypeError(f"run takes a ShardOptions (see make_shards for keywords), got {type(args).__name__}")
+    if isinstance(args.out, str):
+        return upload_run(args, run)
     val = validation(args)
     record = recorded_args(args)
     dirs = {split: args.out / split for split in [*split_names(args), *([val.split] if val else [])]}
