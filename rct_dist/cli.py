@@ -124,7 +124,7 @@ def _make_shards(args: argparse.Namespace) -> None:
         check_folder_argument("--out", args.out)
     try:
         summary = shards.run(shard_options(args))
-    except (ValueError, OSError, ImportError) as error:  # bad arguments or data, or the store refused: one line  # bad arguments or data: one line
+    except (ValueError, OSError, ImportError) as error:  # bad arguments or data, or the store refused: one line
         print(f"rct-dist make-shards: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     print(json.dumps(summary, indent=2))
@@ -432,11 +432,19 @@ def main(argv: list[str] | None = None) -> None:
         text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"rct-dist {args.command}: {text}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    except BrokenPipeError:  # output piped into `head` and the like
+    except BrokenPipeError:  # output piped into `head` and the like (before OSError: it is one)
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0) from None
+    except OSError as error:  # object storage failed for good (after data.retries): the object, in one line
+        stores = sys.modules.get("rct_dist.data.stores")
+        if stores is None or not isinstance(error, stores.StoreError):
+            raise
+        hint = ("; the last complete checkpoint is kept: run again with run.resume=auto once the store answers"
+                if args.command in ("train-teacher", "transfer") else "")
+        print(f"rct-dist {args.command}: {' '.join(str(error).split())}{hint}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

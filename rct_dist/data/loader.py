@@ -373,7 +373,7 @@ def make_loader(
     if index.remote is not None:
         lookahead = prefetch_steps if prefetch_steps is not None else 2 * workers + 3  # DataLoader reads 2 ahead
         prefetcher = Prefetcher(index.remote, [np.unique(table.shard[b]) for b in plan.batches], lookahead,
-                                window * index.remote.largest_shard if window else None)
+                                index.remote.pin_cap(window))
     bad_images = BadImageCounter(workers)
     dataset = EpochBatches(table, plan, seed=seed, epoch=epoch, train=train,
                            transform=Views(transform or build_transform(image_size, train), views),

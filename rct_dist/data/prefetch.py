@@ -53,6 +53,16 @@ class RemoteSplit:
             return None
         return max(1, self.limit // (2 * max(self.largest_shard, 1)))
 
+    def pin_cap(self, window: int | None) -> int | None:
+        """Bytes a process may pin ahead: one window's (window plan), half the cache when the split does not
+        fit it (eval reads such a split in order), else no cap."""
+        if window:
+            return window * self.largest_shard
+        total = self.total_bytes
+        if self.limit is not None and (total is None or total > self.limit):
+            return max(self.limit // 2, self.largest_shard)
+        return None
+
     def cache(self) -> ShardCache:
         return ShardCache(self.store, self.folder, self.limit)
 

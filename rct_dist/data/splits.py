@@ -199,6 +199,9 @@ def _remote_foreign_meta(store: RemoteStore, folder: Path, cache: CacheSettings,
     except MissingObject:
         listing = {}
     names = sorted(n for n in listing if n.endswith(".tar"))
+    if not names and (bucket := store.missing_bucket()):
+        raise MissingObject(f"{store.url}: bucket {bucket!r} does not exist (404): check data.root (or --out) and the "
+                            "endpoint (AWS_ENDPOINT_URL)")
     if not names:
         raise FileNotFoundError(f"no shard index at {store.object_url(INDEX)} and no .tar shards under {store.url}: "
                                 "write the split's shards first (rct-dist make-shards --out URL)")

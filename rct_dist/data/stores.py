@@ -110,6 +110,9 @@ def _status(exn: BaseException) -> int | None:
 def classify(exn: BaseException, url: str) -> StoreError | None:
     """A permanent failure as a one-line StoreError, or None when the error is worth retrying."""
     status = _status(exn)
+    if type(exn).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return AccessDenied(f"{url}: no credentials found ({type(exn).__name__}): set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where an instance role provides them")
     if isinstance(exn, FileNotFoundError) or status == 404:
         return MissingObject(f"{url}: not found (404): check the bucket and the path (data.root)")
     if isinstance(exn, PermissionError) or status in (401, 403):
@@ -167,6 +170,16 @@ class RemoteStore:
 
     def object_url(self, name: str) -> str:
         return join(self.url, name)
+
+    def missing_bucket(self) -> str | None:
+        """The bucket's name when it does not exist (S3, GCS), else None."""
+        if self.scheme == "http":
+            return None
+        bucket = self.url.split("://", 1)[1].split("/", 1)[0]
+        try:
+            return None if self.fs.exists(bucket) else bucket
+        except Exception:  # noqa: BLE001 - cannot tell: the caller's own error stands
+            return None
 
     def read(self, name: str) -> bytes:
         url = self.object_url(name)
