@@ -444,6 +444,10 @@ class Plan:
     rule: str
     skip: str | None = None  # a reason, or None to run
     run: Callable[[Sandbox, Path], None] | None = None
+    needs_s3: bool = False  # the test starts the session's S3 server and puts it in S3 first
+
+
+S3: dict = {}  # "server": the session's S3 server, for plans with needs_s3
 
 
 def _json_tail(text: str):
@@ -523,6 +527,53 @@ def rule_make_shards(p: Parsed, cmd: Command) -> Plan | None:
         assert len(indexes) == len(summary["splits"]), indexes
 
     return Plan(f"make-shards {source}", run=run)
+
+
+def rule_object_store(p: Parsed, cmd: Command) -> Plan | None:
+    """Commands with an `s3://` location: run as documented against the tests' S3 server (SeaweedFS on
+    127.0.0.1, conftest.s3_server), its bucket made first and its credentials in the AWS variables.
+    make-shards: the fake dataset at `--root`, then the bucket must hold each split's index and shards. A
+    job: the digits shards uploaded to the documented `data.root` first, then the job with the tiny
+    overrides, read from the bucket through a fresh cache."""
+    urls = [m.group(0) for w in p.words for m in [re.search(r"s3://[^\s'\"]+", w)] if m]
+    if not urls or p.words[:1] != ["rct-dist"]:
+        return None
+
+    def run(sandbox: Sandbox, tmp: Path) -> None:
+        import s3fs
+
+        server = S3["server"]
+        bucket, _, prefix = urls[0][len("s3://"):].partition("/")
+        server.make_bucket(bucket)
+        env = {**sandbox.env, **server.env(), "RCT_DIST_CACHE": str(tmp / "cache"), "RCT_DIST_DATA": str(tmp / "data")}
+        fs = s3fs.S3FileSystem(key=server.access_key, secret=server.secret_key, endpoint_url=server.endpoint,
+                               skip_instance_cache=True)
+        if p.words[1] == "make-shards":
+            source = option(p.words, "--source")
+            if source != "digits":
+                FAKE_DATASETS[source](tmp / option(p.words, "--root"))
+            out = run_shell(shell_join(p.env, p.words), env, tmp)
+            assert out.returncode == 0, tail(out)
+            summary = _json_tail(out.stdout)
+            assert summary["splits"] and all(s["status"] == "uploaded" for s in summary["splits"].values()), summary
+            for split in summary["splits"]:
+                listed = {Path(k).name for k in fs.ls(f"{bucket}/{prefix}/{split}")}
+                index = json.loads(fs.cat_file(f"{bucket}/{prefix}/{split}/index.json"))
+                assert {*index["shards"], "index.json", ".rct-members.npz"} <= listed, listed
+            return
+        root = next(w.split("=", 1)[1] for w in p.words if w.startswith("data.root=s3://"))
+        upload = run_shell(shell_join({}, ["rct-dist", "make-shards", "--source", "digits", "--out", root,
+                                           "--shard-size", "100", "--workers", "1", "--overwrite"]), env, tmp)
+        assert upload.returncode == 0, tail(upload)
+        sandbox.teacher_export()
+        config = option(p.words, "--config")
+        words = [*p.words, *sandbox.tiny_overrides(p.words[1], config), f"run.out_dir={tmp / 'runs'}"]
+        out = run_shell(shell_join(p.env, words), env, sandbox.root)
+        cfg = sandbox.config(config, [w for w in p.words[2:] if "=" in w and not w.startswith("-")])
+        _check_job(out, tmp / "runs" / cfg.run.name, p.words[1:])
+        assert list((tmp / "cache").glob("*/train-*.tar")), "nothing came through the shard cache"
+
+    return Plan("object store", run=run, needs_s3=True)
 
 
 def rule_configs(p: Parsed, cmd: Command) -> Plan | None:
@@ -931,7 +982,7 @@ def rule_study(p: Parsed, cmd: Command) -> Plan | None:
     return Plan("study (dry run)", run=run)
 
 
-RULES = [rule_setup, rule_docker, rule_cat, rule_make_shards, rule_configs, rule_job, rule_eval_embed, rule_export,
+RULES = [rule_setup, rule_docker, rule_cat, rule_object_store, rule_make_shards, rule_configs, rule_job, rule_eval_embed, rule_export,
          rule_tensorboard, rule_gpu_check, rule_gpu_wheels, rule_bench, rule_study, rule_launcher]
 
 
@@ -982,10 +1033,12 @@ def test_every_command_has_a_rule():
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
-def test_documented_command(cmd, sandbox, tmp_path):
+def test_documented_command(cmd, sandbox, tmp_path, request):
     plan = plan_for(cmd)
     if plan is None:
         pytest.fail(f"no rule handles {cmd.id}: {cmd.text}")
     if plan.skip:
         pytest.skip(plan.skip)
+    if plan.needs_s3:
+        S3["server"] = request.getfixturevalue("s3_server")
     plan.run(sandbox, tmp_path)
