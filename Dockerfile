@@ -57,8 +57,8 @@ COPY docker/check-env.py docker/sshd.sh /opt/rct-dist-docker/
 
 # Dependencies alone first, from pyproject.toml only: this layer survives edits to the code and README.
 # RCT_EXTRAS: optional extras besides `train` (always installed: the trainer and CLI), comma-separated;
-# e.g. "accelerate,onnx"; "" for none.
-ARG RCT_EXTRAS=accelerate
+# e.g. "accelerate,onnx"; "" for none. s3: shards in S3 (or an S3-compatible store) through the node cache.
+ARG RCT_EXTRAS=accelerate,s3
 COPY pyproject.toml /tmp/rct-deps/pyproject.toml
 RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip \
     cd /tmp/rct-deps && touch README.md LICENSE && mkdir rct_dist && touch rct_dist/__init__.py \

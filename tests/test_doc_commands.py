@@ -533,11 +533,16 @@ def rule_object_store(p: Parsed, cmd: Command) -> Plan | None:
     """Commands with an `s3://` location: run as documented against the tests' S3 server (SeaweedFS on
     127.0.0.1, conftest.s3_server), its bucket made first and its credentials in the AWS variables.
     make-shards: the fake dataset at `--root`, then the bucket must hold each split's index and shards. A
-    job: the digits shards uploaded to the documented `data.root` first, then the job with the tiny
-    overrides, read from the bucket through a fresh cache."""
+    job (alone or behind a launcher, whose half runs as in rule_launcher): the digits shards uploaded to
+    the documented `data.root` first (its test split also under the config's eval split name), then the
+    job on one process with the tiny overrides, read from the bucket through a fresh cache."""
     urls = [m.group(0) for w in p.words for m in [re.search(r"s3://[^\s'\"]+", w)] if m]
-    if not urls or p.words[:1] != ["rct-dist"]:
+    if not urls:
         return None
+    launch = split_launch(p) if p.words[:1] != ["rct-dist"] else None
+    if launch is None and p.words[:1] != ["rct-dist"]:
+        return None
+    job = launch.job if launch is not None else p.words[1:]
 
     def run(sandbox: Sandbox, tmp: Path) -> None:
         import s3fs
@@ -548,10 +553,10 @@ def rule_object_store(p: Parsed, cmd: Command) -> Plan | None:
         env = {**sandbox.env, **server.env(), "RCT_DIST_CACHE": str(tmp / "cache"), "RCT_DIST_DATA": str(tmp / "data")}
         fs = s3fs.S3FileSystem(key=server.access_key, secret=server.secret_key, endpoint_url=server.endpoint,
                                skip_instance_cache=True)
-        if p.words[1] == "make-shards":
-            source = option(p.words, "--source")
+        if job[0] == "make-shards":
+            source = option(job, "--source")
             if source != "digits":
-                FAKE_DATASETS[source](tmp / option(p.words, "--root"))
+                FAKE_DATASETS[source](tmp / option(job, "--root"))
             out = run_shell(shell_join(p.env, p.words), env, tmp)
             assert out.returncode == 0, tail(out)
             summary = _json_tail(out.stdout)
@@ -561,19 +566,24 @@ def rule_object_store(p: Parsed, cmd: Command) -> Plan | None:
                 index = json.loads(fs.cat_file(f"{bucket}/{prefix}/{split}/index.json"))
                 assert {*index["shards"], "index.json", ".rct-members.npz"} <= listed, listed
             return
-        root = next(w.split("=", 1)[1] for w in p.words if w.startswith("data.root=s3://"))
+        if launch is not None:
+            run_launcher_half(launch, sandbox, tmp)
+        root = next(w.split("=", 1)[1] for w in job if w.startswith("data.root=s3://"))
         upload = run_shell(shell_join({}, ["rct-dist", "make-shards", "--source", "digits", "--out", root,
                                            "--shard-size", "100", "--workers", "1", "--overwrite"]), env, tmp)
         assert upload.returncode == 0, tail(upload)
+        config = option(job, "--config")
+        cfg = sandbox.config(config, [w for w in job[1:] if "=" in w and not w.startswith("-")])
+        if cfg.data.eval_split != "test":
+            fs.copy(f"{bucket}/{prefix}/test", f"{bucket}/{prefix}/{cfg.data.eval_split}", recursive=True)
         sandbox.teacher_export()
-        config = option(p.words, "--config")
-        words = [*p.words, *sandbox.tiny_overrides(p.words[1], config), f"run.out_dir={tmp / 'runs'}"]
+        words = ["rct-dist", *job, *sandbox.tiny_overrides(job[0], config), f"run.out_dir={tmp / 'runs'}",
+                 f"data.cache_dir={tmp / 'cache'}"]  # a documented cache folder on a node's disk: here, tmp
         out = run_shell(shell_join(p.env, words), env, sandbox.root)
-        cfg = sandbox.config(config, [w for w in p.words[2:] if "=" in w and not w.startswith("-")])
-        _check_job(out, tmp / "runs" / cfg.run.name, p.words[1:])
+        _check_job(out, tmp / "runs" / cfg.run.name, job)
         assert list((tmp / "cache").glob("*/train-*.tar")), "nothing came through the shard cache"
 
-    return Plan("object store", run=run, needs_s3=True)
+    return Plan("object store" + (f" behind {launch.kind}" if launch is not None else ""), run=run, needs_s3=True)
 
 
 def rule_configs(p: Parsed, cmd: Command) -> Plan | None:
