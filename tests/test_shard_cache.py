@@ -273,3 +273,23 @@ def test_cache_keys_are_refused_with_a_local_root(tmp_path):
         load_config(config)
     config.write_text("data: {root: 's3://bucket/shards', cache_limit: 1000, retries: 2}\n")
     assert load_config(config).data.cache_limit == 1000
+
+
+def test_a_resume_with_another_window_is_refused(served_digits, tmp_path):
+    from rct_dist.train.loop import check_plan, plan_inputs
+
+    url, local = served_digits
+    largest = max(json.loads((local / "train" / "index.json").read_text())["shard_bytes"])
+    config = tmp_path / "run.yaml"
+    plans = []
+    for limit in (4 * largest, 6 * largest, 10**9):
+        config.write_text(f"data: {{root: '{url}', pk: [5, 4], batch_size: 20, cache_limit: {limit}, "
+                          f"cache_dir: '{tmp_path / 'cache'}'}}\n")
+        cfg = load_config(config)
+        plans.append(plan_inputs(cfg, load_index(f"{url}/train", CacheSettings(cfg.data.cache_dir, limit))))
+    assert [p.get("window_shards") for p in plans] == [2, 3, None]
+    check_plan(plans[0], dict(plans[0]), tmp_path / "ckpt")  # the same window: resumes
+    with pytest.raises(ConfigError, match="the data plan changed .*window_shards: 2 then, 3 now"):
+        check_plan(plans[0], plans[1], tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="window_shards: 2 then, None now"):
+        check_plan(plans[0], plans[2], tmp_path / "ckpt")  # the whole split now fits: another plan as well

@@ -158,7 +158,8 @@ def check_plan(saved: dict[str, Any] | None, current: dict[str, Any], start: Pat
     """A clear error when the checkpoint's data plan differs from this run's."""
     if saved is None:
         return
-    changed = [f"{k}: {saved.get(k)!r} then, {current[k]!r} now" for k in current if saved.get(k) != current[k]]
+    keys = [*current, *(k for k in ("window_shards",) if k in saved and k not in current)]  # windows, then none
+    changed = [f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
     if changed:
         raise ConfigError(f"cannot resume from {start}: the data plan changed ({'; '.join(changed)}). Resume "
                          "with the settings the checkpoint was trained with, or start a new run")
