@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
+from object_store import RangeHTTPServer, SeaweedS3
 from rct_dist.data import shards
 
 
@@ -15,3 +18,50 @@ def digits_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     shards.make_shards("digits", out, shard_size=100, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> SeaweedS3:
+    """A real S3 server (SeaweedFS `weed mini`) on 127.0.0.1, started by the first test that asks for it
+    and stopped at the end of the session. A missing `weed` binary fails the test (it never skips).
+    Make a bucket per test (`s3_server.make_bucket(name)`); apply its credentials with `s3_env`."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    yield server
+    server.close()
+
+
+def _clear_s3fs_cache() -> None:
+    # s3fs caches filesystem instances by their arguments, not by the environment they read: an
+    # instance made under another test's variables would otherwise be handed back.
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is not None:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path_factory) -> SeaweedS3:
+    """`s3_server` with the standard AWS variables pointing at it, for this test only. Every other AWS_*
+    variable is removed, and the config and credentials files point at nothing, so a developer's own
+    profile, credentials or endpoint are never used."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    nothing = tmp_path_factory.getbasetemp() / "no-aws-config"  # never created
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(nothing))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nothing))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe for credentials
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    _clear_s3fs_cache()
+    yield s3_server
+    _clear_s3fs_cache()
+
+
+@pytest.fixture
+def http_server(tmp_path) -> RangeHTTPServer:
+    """A RangeHTTPServer on 127.0.0.1 over the folder `http_server.root` (tmp_path / "www"), closed after
+    the test. Write files there and fetch them from `http_server.url_for(relative path)`."""
+    root = tmp_path / "www"
+    root.mkdir()
+    with RangeHTTPServer(root) as server:
+        yield server
