@@ -165,6 +165,11 @@ def test_eviction_is_least_recently_used_and_never_takes_a_pinned_shard(served_d
     held.release()
     cache.pin(specs[4]).release()
     assert specs[0].name not in {p.name for p in (tmp_path / "c").glob("*.tar")}  # unpinned: now evictable
+    # The limit holds for the cache root: another split's folder beside it makes room in this one.
+    other = ShardCache(RemoteStore(f"{url}/test", retries=2), tmp_path / "d", limit)
+    test_meta = json.loads((local / "test" / "index.json").read_text())
+    other.pin(ShardSpec(test_meta["shards"][0], test_meta["shard_bytes"][0], test_meta["shard_sha256"][0])).release()
+    assert len(list((tmp_path / "c").glob("*.tar"))) == 2 and other.used_bytes() <= limit
 
 
 def _read_epoch(url: str, cache_dir: str, rank: int, queue) -> None:

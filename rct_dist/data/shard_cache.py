@@ -1,7 +1,9 @@
 """A node-local cache of whole shards downloaded from a remote split, shared by every process of the node.
 
 Files: `{folder}/{shard}` (complete and checked), `{folder}/.locks/{shard}.lock` (one lock file per
-shard), `{folder}/.{shard}.part-{pid}-{n}` (a download in progress).
+shard), `{folder}/.{shard}.part-{pid}-{n}` (a download in progress); `folder` is one split's folder under
+the cache root (`data.cache_dir`), and the limit holds for the whole root: every split's shards count,
+and any unpinned one may be evicted.
 
 * One download per shard per node, whatever the number of ranks and loader workers: a process takes
   the shard's lock exclusively (`flock`), downloads only when the file is absent, and the others wait
@@ -101,8 +103,8 @@ class ShardCache:
     def path(self, name: str) -> Path:
         return self.folder / name
 
-    def _lock_fd(self, name: str) -> int:
-        return os.open(self.folder / LOCKS / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    def _lock_fd(self, name: str, folder: Path | None = None) -> int:
+        return os.open((folder or self.folder) / LOCKS / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
 
     def pin(self, spec: ShardSpec) -> Pin:
         """The shard present in the cache and pinned (downloaded first if absent); blocks until then."""
@@ -166,15 +168,18 @@ class ShardCache:
             temporary.unlink(missing_ok=True)
 
     def cached(self) -> list[tuple[float, int, Path]]:
-        """(last use, size, path) of every complete shard in the folder, oldest first."""
+        """(last use, size, path) of every complete shard of every split under the cache root, oldest first."""
         entries = []
-        for entry in os.scandir(self.folder):
-            if entry.is_file() and not entry.name.startswith("."):
-                try:
-                    stat = entry.stat()
-                except FileNotFoundError:
-                    continue
-                entries.append((stat.st_mtime, stat.st_size, Path(entry.path)))
+        for folder in self.folder.parent.iterdir():
+            if not (folder / LOCKS).is_dir():
+                continue  # not a split's cache folder
+            for entry in os.scandir(folder):
+                if entry.is_file() and not entry.name.startswith("."):
+                    try:
+                        stat = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    entries.append((stat.st_mtime, stat.st_size, Path(entry.path)))
         return sorted(entries)
 
     def used_bytes(self) -> int:
@@ -189,9 +194,9 @@ class ShardCache:
         for _, size, path in entries:
             if used + incoming <= self.limit:
                 return
-            if path.name == keep:
+            if path.name == keep and path.parent == self.folder:
                 continue
-            fd = self._lock_fd(path.name)
+            fd = self._lock_fd(path.name, path.parent)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -178,7 +178,7 @@ def _remote_index(url: str, cache: CacheSettings) -> ShardIndex:
     except MissingObject:
         meta, shards, counts, sizes, digests = _remote_foreign_meta(store, folder, cache, split)
     specs = tuple(ShardSpec(name, int(size), digest) for name, size, digest in zip(shards, sizes, digests))
-    _write_json(folder / INDEX, meta)  # for the curious; loads always read the store's
+    _write_json(folder / f".{INDEX}", meta)  # for the curious (loads always read the store's); not a shard
     remote = RemoteSplit(store, folder, cache.limit, specs)
     return ShardIndex(folder, meta["split"], shards, counts, int(meta["classes"]), tuple(meta["class_names"]),
                       _teacher_dim(meta), remote, url)
