@@ -241,3 +241,19 @@ def test_bad_credentials_and_a_missing_bucket_fail_in_one_line(remote_digits, s3
     missing = _run(config, "data.root=s3://no-such-bucket/v1", env=s3_server.env(), check=False)
     last = missing.stderr.strip().splitlines()[-1]
     assert missing.returncode == 2 and "bucket 'no-such-bucket' does not exist" in last
+
+
+def test_a_cache_smaller_than_the_split_reads_the_bucket_in_windows(remote_digits, s3_env, digits_shards, tmp_path):
+    sizes = json.loads((digits_shards / "train" / "index.json").read_text())["shard_bytes"]
+    limit = 4 * max(sizes) + 1000  # 4 of the 9 shards: windows of 2
+    cache = CacheSettings(str(tmp_path / "cache"), limit=limit)
+    args = dict(batch_size=20, train=True, image_size=16, seed=4, workers=1, pk=(5, 4))
+    loader = make_loader(f"{remote_digits}/train", cache=cache, rank=0, world=1, **args)
+    assert loader.prefetcher.remote.window_shards() == 2
+    keys = [batch.keys for batch in loader]
+    stats = loader.prefetcher.cache.stats
+    assert stats.evictions > 0 and stats.downloads > len(sizes) - 4  # shards left the cache and came back
+    assert sum(p.stat().st_size for p in (tmp_path / "cache").glob("*/*.tar")) <= limit
+    ranks = [[b.keys for b in make_loader(f"{remote_digits}/train", cache=cache, rank=r, world=2, **args)]
+             for r in (0, 1)]
+    assert [k for pair in zip(*ranks) for k in pair] == keys[:2 * len(ranks[0])]

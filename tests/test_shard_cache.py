@@ -298,3 +298,18 @@ def test_a_resume_with_another_window_is_refused(served_digits, tmp_path):
         check_plan(plans[0], plans[1], tmp_path / "ckpt")
     with pytest.raises(ConfigError, match="window_shards: 2 then, None now"):
         check_plan(plans[0], plans[2], tmp_path / "ckpt")  # the whole split now fits: another plan as well
+
+
+def test_a_missing_client_package_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_gcsfs(name, *args, **kwargs):
+        if name == "gcsfs":
+            raise ImportError("No module named 'gcsfs'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_gcsfs)
+    with pytest.raises(ImportError, match=r"reading gcs locations needs the gcsfs package: pip install 'rct-dist\[gcs\]'"):
+        RemoteStore("gs://bucket/shards/train").read("index.json")

@@ -128,7 +128,7 @@ def retrying(what: Callable[[], T], url: str, retries: int, backoff: float = 0.5
     for attempt in range(retries + 1):
         try:
             return what()
-        except StoreError:
+        except (StoreError, ImportError):  # a missing client package is not a network problem
             raise
         except Exception as exn:  # noqa: BLE001 - each client library raises its own kinds; classify decides
             permanent = classify(exn, url)
