@@ -313,3 +313,13 @@ def test_a_missing_client_package_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", without_gcsfs)
     with pytest.raises(ImportError, match=r"reading gcs locations needs the gcsfs package: pip install 'rct-dist\[gcs\]'"):
         RemoteStore("gs://bucket/shards/train").read("index.json")
+
+
+def test_plain_windows_lose_no_more_than_one_partial_batch():
+    shard = np.repeat(np.arange(9), 37)  # 9 shards of 37 samples: no window holds a whole number of batches
+    labels = np.arange(len(shard)) % 7
+    plan = plan_epoch(shard, 9, labels, rank=0, world=1, batch_size=10, train=True, seed=1, epoch=0, window_shards=2)
+    seen = plan.batches.ravel()
+    assert len(seen) == len(shard) // 10 * 10 and len(set(seen.tolist())) == len(seen)
+    for batch in plan.batches:  # a batch spans at most two consecutive windows
+        assert len(np.unique(shard[batch])) <= 4

@@ -15,9 +15,10 @@ augmentation is seeded from (seed, epoch, unit, slot) by the loader, never from 
   groups of distinct classes (a group whose class is already in the unit waits for the next one).
 * Windows (a remote split larger than its node-local cache, `window_shards` = W): the shards in a seeded
   order, cut into windows of W consecutive shards; plain batches shuffle all samples of a window
-  together, P x K batches are made (as above) from the classes present in the window. The units of a
-  window come before those of the next, so a node reads at most two windows at a time (the one being
-  trained and the next being fetched); the price is a shuffle over W shards instead of the split.
+  together (a window's last partial batch is completed by the next window's first samples), P x K
+  batches are made (as above) from the classes present in the window. The units of a window come
+  before those of the next, so a node reads at most two windows at a time (the one being trained and
+  the next being fetched); the price is a shuffle over W shards instead of the split.
 * Eval: every readable sample once. Rank r takes the r-th of `world` contiguous parts; every rank
   yields the same number of batches, the tail padded with its last sample flagged invalid.
 """
@@ -116,13 +117,16 @@ def _window_units(shard: np.ndarray, shards: int, labels: np.ndarray, *, batch_s
     rng = _rng(seed, epoch, _WINDOW, pass_)
     order = rng.permutation(shards)
     units: list[np.ndarray] = []
+    carry = np.zeros(0, np.int64)  # plain batches: a window's last partial batch starts the next window's
     for w, start in enumerate(range(0, shards, window)):
         ids = np.flatnonzero(np.isin(shard, order[start:start + window]))
         if pk:
             units += [ids[u] for u in _pk_units(labels[ids], *pk, seed, epoch, pass_ * (shards + 1) + w + 1)]
         else:
-            mixed = ids[rng.permutation(len(ids))]
-            units += [mixed[i:i + batch_size] for i in range(0, len(mixed) - batch_size + 1, batch_size)]
+            mixed = np.concatenate([carry, ids[rng.permutation(len(ids))]])
+            whole = len(mixed) // batch_size * batch_size
+            units += [mixed[i:i + batch_size] for i in range(0, whole, batch_size)]
+            carry = mixed[whole:]
     return units
 
 

@@ -372,6 +372,8 @@ def make_loader(
     prefetcher = None
     if index.remote is not None:
         lookahead = prefetch_steps if prefetch_steps is not None else 2 * workers + 3  # DataLoader reads 2 ahead
+        if window:  # fetch the next window while this one trains: its first step needs most of its shards
+            lookahead += -(-plan.steps * window // len(index.shards))
         prefetcher = Prefetcher(index.remote, [np.unique(table.shard[b]) for b in plan.batches], lookahead,
                                 index.remote.pin_cap(window))
     bad_images = BadImageCounter(workers)

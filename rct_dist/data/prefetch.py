@@ -1,7 +1,8 @@
 """A remote split's shards made local ahead of the batches that read them, in the plan's own order.
 
 The epoch plan says, before the first step, which shards every step of this rank reads. A thread of
-the rank's main process walks that list a few steps ahead of training, pins each shard in the node's
+the rank's main process walks that list a few steps ahead of training (a whole window ahead, in the
+window plan), pins each shard (up to FETCH_THREADS downloads at once) in the node's
 cache (`shard_cache.py`: downloaded once per node, never evicted while pinned) and unpins the shards
 of steps already trained. The loader's readers, in the main process or in worker processes, only
 wait until a shard's file is there: the network can make a step wait (data-wait time), never change
@@ -15,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import RawValue
 from pathlib import Path
@@ -25,6 +27,8 @@ from rct_dist.data.shard_cache import Pin, ShardCache, ShardSpec
 from rct_dist.data.stores import RemoteStore
 
 log = logging.getLogger(__name__)
+
+FETCH_THREADS = 4  # shards of one step downloaded at once (each large one also in parallel parts)
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,10 @@ class RemoteSplit:
         return max(1, self.limit // (2 * max(self.largest_shard, 1)))
 
     def pin_cap(self, window: int | None) -> int | None:
-        """Bytes a process may pin ahead: one window's (window plan), half the cache when the split does not
-        fit it (eval reads such a split in order), else no cap."""
+        """Bytes a process may pin: two windows' (window plan: the one trained and the next one fetched),
+        half the cache when the split does not fit it (eval reads such a split in order), else no cap."""
         if window:
-            return window * self.largest_shard
+            return 2 * window * self.largest_shard
         total = self.total_bytes
         if self.limit is not None and (total is None or total > self.limit):
             return max(self.limit // 2, self.largest_shard)
@@ -94,6 +98,7 @@ class Prefetcher:
         self._pins: dict[int, Pin] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="shard-fetch")
         self.cache: ShardCache | None = None
 
     def start(self) -> None:
@@ -120,6 +125,7 @@ class Prefetcher:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join()
+        self._pool.shutdown(wait=True)
         for pin in self._pins.values():
             pin.release()
         self._pins.clear()
@@ -150,12 +156,11 @@ class Prefetcher:
                     if self._stop:
                         return
                     self._unpin_done()
-                for shard in dict.fromkeys(shards.tolist()):
-                    if shard not in self._pins:
-                        pin = self.cache.pin(self.remote.specs[shard])
-                        with self._cv:
-                            self._pins[shard] = pin
-                            self._cv.notify_all()
+                missing = [shard for shard in dict.fromkeys(shards.tolist()) if shard not in self._pins]
+                for shard, pin in zip(missing, self._pool.map(lambda i: self.cache.pin(self.remote.specs[i]), missing)):
+                    with self._cv:
+                        self._pins[shard] = pin
+                        self._cv.notify_all()
         except BaseException as exn:  # noqa: BLE001 - raised again by the loader in the main process
             log.error("shard prefetch failed: %s", exn)
             with self._cv:

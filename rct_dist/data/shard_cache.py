@@ -1,7 +1,8 @@
 """A node-local cache of whole shards downloaded from a remote split, shared by every process of the node.
 
 Files: `{folder}/{shard}` (complete and checked), `{folder}/.locks/{shard}.lock` (one lock file per
-shard), `{folder}/.{shard}.part-{pid}-{n}` (a download in progress); `folder` is one split's folder under
+shard), `{folder}/.{shard}.part-{pid}-{n}-{bytes}` (a download in progress, counted at its final size);
+`folder` is one split's folder under
 the cache root (`data.cache_dir`), and the limit holds for the whole root: every split's shards count,
 and any unpinned one may be evicted.
 
@@ -15,8 +16,10 @@ and any unpinned one may be evicted.
   pinned shard, in this process or any other of the node, is never evicted; locks die with their
   process, so a killed rank leaves no stale pin.
 * Least recently used first: a shard's modification time is set to now whenever it is pinned.
-  Eviction runs before each download, until the cache plus the new shard fit `limit` bytes; when
-  every cached shard is pinned the cache grows past the limit and says so once.
+  Eviction runs before each download, until the cache, the downloads in progress and the new shard
+  fit `limit` bytes (one reservation at a time for the whole cache root, so parallel downloads of
+  threads and ranks count each other); when every cached shard is pinned the cache grows past the
+  limit and says so once.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from rct_dist.data.stores import RemoteStore, StoreError
 log = logging.getLogger(__name__)
 
 LOCKS = ".locks"
+ROOT_LOCK = ".reserve.lock"  # in the cache root: reservations for downloads are made one at a time
+PART = ".part-"  # `.{shard}.part-{pid}-{n}-{bytes}`: a download in progress, and the bytes it will take
 _counter = itertools.count()
 
 
@@ -121,8 +126,7 @@ class ShardCache:
                 fcntl.flock(fd, fcntl.LOCK_UN)  # two processes upgrading at once would wait on each other
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if not self._complete(path, spec):
-                    self._make_room(spec.size or 0, keep=spec.name)
-                    self._download(spec, path)
+                    self._download(spec, path, self._reserve(spec))
                 # The conversion to shared is not atomic: an evictor may slip in; the loop then fetches again.
         except BaseException:
             os.close(fd)
@@ -142,8 +146,21 @@ class ShardCache:
         except FileNotFoundError:
             return False
 
-    def _download(self, spec: ShardSpec, path: Path) -> None:
-        temporary = self.folder / f".{spec.name}.part-{os.getpid()}-{next(_counter)}"
+    def _reserve(self, spec: ShardSpec) -> Path:
+        """Room for one download, and its temporary file, whose name holds the size it will have: made under
+        one lock for the whole cache root, so that downloads running at once (threads, ranks) each count
+        the others' reservations and together stay under the limit."""
+        fd = os.open(self.folder.parent / ROOT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._make_room(spec.size or 0, keep=spec.name)
+            temporary = self.folder / f".{spec.name}{PART}{os.getpid()}-{next(_counter)}-{spec.size or 0}"
+            temporary.touch()
+            return temporary
+        finally:
+            os.close(fd)
+
+    def _download(self, spec: ShardSpec, path: Path, temporary: Path) -> None:
         try:
             for attempt in range(self.refetch_attempts + 1):
                 written = self.store.download(spec.name, temporary, spec.size)
@@ -167,14 +184,19 @@ class ShardCache:
         finally:
             temporary.unlink(missing_ok=True)
 
-    def cached(self) -> list[tuple[float, int, Path]]:
-        """(last use, size, path) of every complete shard of every split under the cache root, oldest first."""
+    def cached(self, reserved: bool = False) -> list[tuple[float, int, Path]]:
+        """(last use, size, path) of every complete shard of every split under the cache root, oldest first;
+        with `reserved`, also the downloads in progress (at the size they will have)."""
         entries = []
         for folder in self.folder.parent.iterdir():
             if not (folder / LOCKS).is_dir():
                 continue  # not a split's cache folder
             for entry in os.scandir(folder):
-                if entry.is_file() and not entry.name.startswith("."):
+                if not entry.is_file():
+                    continue
+                if reserved and PART in entry.name:
+                    entries.append((float("inf"), int(entry.name.rsplit("-", 1)[1]), Path(entry.path)))
+                elif not entry.name.startswith("."):
                     try:
                         stat = entry.stat()
                     except FileNotFoundError:
@@ -189,13 +211,13 @@ class ShardCache:
         """Evict unpinned shards, least recently used first, until the cache plus `incoming` fit the limit."""
         if self.limit is None:
             return
-        entries = self.cached()
+        entries = self.cached(reserved=True)
         used = sum(size for _, size, _ in entries)
         for _, size, path in entries:
             if used + incoming <= self.limit:
                 return
-            if path.name == keep and path.parent == self.folder:
-                continue
+            if (path.name == keep and path.parent == self.folder) or PART in path.name:
+                continue  # a download in progress is never evicted
             fd = self._lock_fd(path.name, path.parent)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -200,8 +200,8 @@ def _remote_foreign_meta(store: RemoteStore, folder: Path, cache: CacheSettings,
         listing = {}
     names = sorted(n for n in listing if n.endswith(".tar"))
     if not names and (bucket := store.missing_bucket()):
-        raise MissingObject(f"{store.url}: bucket {bucket!r} does not exist (404): check data.root (or --out) and the "
-                            "endpoint (AWS_ENDPOINT_URL)")
+        endpoint = " and the endpoint (AWS_ENDPOINT_URL)" if store.scheme == "s3" else ""
+        raise MissingObject(f"{store.url}: bucket {bucket!r} does not exist (404): check data.root (or --out){endpoint}")
     if not names:
         raise FileNotFoundError(f"no shard index at {store.object_url(INDEX)} and no .tar shards under {store.url}: "
                                 "write the split's shards first (rct-dist make-shards --out URL)")
