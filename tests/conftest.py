@@ -65,3 +65,20 @@ def http_server(tmp_path) -> RangeHTTPServer:
     root.mkdir()
     with RangeHTTPServer(root) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-node cluster of network namespaces on this machine, each node with its own address, host name
+    (node0, node1) and sshd (tests/cluster.py); torn down after the module. Skipped only where namespaces
+    cannot be made (not root, no `ip`); missing sshd/ssh/pdsh fail, since .ci/run installs them."""
+    from cluster import NamespaceCluster, cannot_make_namespaces, missing_tools
+
+    reason = cannot_make_namespaces()
+    if reason:
+        pytest.skip(reason)
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"the namespace cluster needs {', '.join(missing)}: apt-get install them (.ci/run does)")
+    with NamespaceCluster(tmp_path_factory.mktemp("cluster"), 2) as running:
+        yield running
