@@ -141,9 +141,18 @@ def _train(args: argparse.Namespace) -> None:
         if sep and dotted.strip() == "job" and value.strip() != args.command:
             raise _usage_error(f"override {override!r} contradicts the subcommand: `rct-dist {args.command}` runs "
                                f"job {args.command}; drop the override (the subcommand chooses the job)")
+    from rct_dist.train.preemption import EXIT_STOPPED, Stopped
+
     cfg = load_config(args.config, [*args.overrides, f"job={args.command}"])
     check_train(cfg)  # the files the config names, before any process group or run folder exists
-    train(cfg)
+    try:
+        train(cfg)
+    except Stopped as stopped:  # a stop signal: the checkpoint is saved, every rank leaves with code 75
+        from rct_dist.logs import environment_rank
+
+        if environment_rank() == 0:
+            print(f"rct-dist {args.command}: {stopped}", file=sys.stderr, flush=True)
+        finish(EXIT_STOPPED)
     finish()
 
 

@@ -183,6 +183,13 @@ def channels(positive_values: bool) -> Rule:
     return rule
 
 
+def signal_names(value: list[str]) -> str | None:
+    allowed = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
+    bad = [v for v in value if v not in allowed]
+    return None if not bad and len(set(value)) == len(value) else \
+        f"must be distinct names among {', '.join(allowed)} ([] for none), got {value!r}"
+
+
 def recall_ks(value: list[int]) -> str | None:
     return None if value and min(value) > 0 else f"must be a non-empty list of positive ints, got {value!r}"
 
@@ -196,6 +203,10 @@ class RunConfig:
     seed: int = checked(0, non_negative)
     resume: str | None = checked(None, resume_value)  # "auto" (latest checkpoint of this run) or a checkpoint folder
     overwrite: bool = False
+    # Preemption (rct_dist/train/preemption.py): on these signals, finish the step, save, exit with code 75.
+    stop_signals: list[str] = checked_list(lambda: ["SIGTERM", "SIGUSR1"], signal_names)
+    requeue: bool = True  # under SLURM, rank 0 runs `scontrol requeue $SLURM_JOB_ID` after a stop on a signal
+    dist_timeout: float = checked(600.0, positive)  # seconds a collective waits for a lost rank before failing
 
 
 @dataclass

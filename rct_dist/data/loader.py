@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import signal
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -247,6 +248,15 @@ class EpochBatches(Dataset):
                        None if self.train else flags)
 
 
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """Loader workers ignore the stop signals a scheduler sends to a whole process group (SIGTERM, SIGUSR1,
+    SIGUSR2, SIGHUP): the main process decides when to stop (after a step, with a checkpoint) and ends its
+    workers itself; the DataLoader's watchdog ends them if the main process dies. Ctrl-C (SIGINT) keeps
+    its default."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class ShardLoader:
     """Iterable of one epoch's `Batch`es for this rank (`valid` set in eval, `teacher` when asked for)."""
 
@@ -381,5 +391,6 @@ def make_loader(
                            transform=Views(transform or build_transform(image_size, train), views),
                            teacher_embeddings=teacher_embeddings, encoded=decode == "gpu", bad_images=bad_images,
                            failed=prefetcher.failed if prefetcher is not None else None)
-    batches = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
+    batches = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                         worker_init_fn=_leave_signals_to_the_main_process if workers else None)
     return ShardLoader(batches, plan, table, bad_images, prefetcher)

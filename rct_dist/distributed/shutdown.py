@@ -8,13 +8,15 @@ import sys
 import torch.distributed as dist
 
 
-def finish() -> None:
+def finish(code: int = 0) -> None:
     """End the process after a barrier when a process group exists: gloo threads can abort during
     interpreter shutdown (`terminate called without an active exception`), failing a job that
-    succeeded, so a multi-process job leaves with os._exit(0) once every rank is done."""
+    succeeded, so a multi-process job leaves with os._exit(code) once every rank is done."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    if code:
+        raise SystemExit(code)

@@ -6,6 +6,8 @@ GPU (nccl): DeepSpeed picks its accelerator, we pick the backend.
 
 from __future__ import annotations
 
+import datetime
+
 import json
 import math
 from pathlib import Path
@@ -19,7 +21,7 @@ from rct_dist.distributed.world import World, discover_world
 from rct_dist.train.nonfinite import GuardedAdamW, NonFiniteGuard, attach
 
 
-def init_distributed() -> World:
+def init_distributed(timeout: float | None = None) -> World:
     """Join the job the launcher describes (torchrun, deepspeed, accelerate, srun, OpenMPI's mpirun, or
     none: one process), read by `discover_world`, which refuses a half-described job.
 
@@ -30,8 +32,9 @@ def init_distributed() -> World:
     world.export()
     import deepspeed
 
+    extra = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False)
+                               auto_mpi_discovery=False, **extra)
     return world
 
 

@@ -36,6 +36,7 @@ from rct_dist.train.engine import (build_engine, continue_micro_steps, deepspeed
                                   nonfinite_guard, warmup_cosine, warmup_step_decay)
 from rct_dist.train.feed import DeviceFeed, prepare_models
 from rct_dist.train.monitor import Monitor, projector_sample
+from rct_dist.train.preemption import StopOnSignal, Stopped, request_requeue
 from rct_dist.train.selection import Selection, resolve_select, summary
 from rct_dist.eval.retrieval_picture import ThumbnailCache, retrieval_picture
 from rct_dist.train.timing import StepTimer, device_sync, step_scalars
@@ -154,6 +155,15 @@ def plan_inputs(cfg: Config, train_index: ShardIndex) -> dict[str, Any]:
             **({"window_shards": window} if (window := window_shards(train_index)) else {})}
 
 
+def _stop(stop: StopOnSignal, saved: Path, step: int, cfg: Config, monitor: Monitor, rank: int) -> None:
+    """Leave after a stop signal, with the checkpoint `saved` at `step` complete on every rank."""
+    requeued = request_requeue(cfg.run.requeue) if rank == 0 else None
+    message = (f"stopped on {stop.received} after optimizer step {step}: checkpoint {saved} is complete; "
+               f"resume with run.resume=auto{f' ({requeued})' if requeued else ''}")
+    monitor.say(message)
+    raise Stopped(message, str(saved))
+
+
 def check_plan(saved: dict[str, Any] | None, current: dict[str, Any], start: Path) -> None:
     """A clear error when the checkpoint's data plan differs from this run's."""
     if saved is None:
@@ -218,7 +228,7 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run a teacher-training or transfer job to the end; returns on rank 0 the test metrics of the model
     it kept (`recall`, `map_at_r`; see selection.py), with `val` (its validation metrics or None), `final`
     (the last model's test metrics), `selected_epoch`, `select`, `epochs_run` and `stopped_early`."""
-    init_distributed()
+    init_distributed(cfg.run.dist_timeout)
     rank, world = world_rank(), world_size()
     run_dir = prepare_run_dir(cfg)
     setup_logging(rank, run_dir / "train.log")  # rank 0: INFO on stderr and appended to train.log; others: WARNING
@@ -287,6 +297,7 @@ def train(cfg: Config) -> dict[str, Any]:
     logged["data"].update(mean=list(preprocess.mean), std=list(preprocess.std),
                           interpolation=preprocess.interpolation, crop_pct=preprocess.crop_pct)
     monitor.start(logged, [f"eval/recall@{min(cfg.eval.ks)}", "eval/map@r"], step)
+    stop = StopOnSignal(cfg.run.stop_signals)
     try:
         stopped_early = selection.should_stop()
         for epoch in range(state["epoch"], cfg.optim.epochs if not stopped_early else state["epoch"]):
@@ -326,11 +337,18 @@ def train(cfg: Config) -> dict[str, Any]:
                     monitor.scalars(values, step)
                     last_loss = f"{values['loss/total']:.4f}"
                 monitor.advance({"loss": last_loss})
+                saved = None
                 if boundary and cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 \
                         and i + 1 < remaining:
                     # (the epoch's last step is saved once, at the epoch's end, with the evaluation's state)
-                    checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
-                                    {**state, "epoch": epoch, "selection": selection.state()}, cfg.checkpoint.keep)
+                    saved = checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
+                                            {**state, "epoch": epoch, "selection": selection.state()},
+                                            cfg.checkpoint.keep)
+                if boundary and i + 1 < remaining and stop.agreed(device):  # the epoch's end checks after its save
+                    saved = saved or checkpoint.save(engine, run_dir / "checkpoints", step, epoch,
+                                                     {**state, "epoch": epoch, "selection": selection.state()},
+                                                     cfg.checkpoint.keep)
+                    _stop(stop, saved, step, cfg, monitor, rank)
                 timer.next_step()
             monitor.end_epoch()
             skipped = _epoch_skips(loader, device)
@@ -343,7 +361,9 @@ def train(cfg: Config) -> dict[str, Any]:
                 metrics["train_skipped"] = skipped
             stopped_early = selection.should_stop() and epoch + 1 < cfg.optim.epochs
             state["selection"] = selection.state()
-            checkpoint.save(engine, run_dir / "checkpoints", step, epoch, dict(state), cfg.checkpoint.keep)
+            saved = checkpoint.save(engine, run_dir / "checkpoints", step, epoch, dict(state), cfg.checkpoint.keep)
+            if epoch + 1 < cfg.optim.epochs and not stopped_early and stop.agreed(device):
+                _stop(stop, saved, step, cfg, monitor, rank)
             if stopped_early:
                 monitor.say(f"stopping early after epoch {epoch + 1}: validation R@1 has not improved for "
                             f"{selection.stale} evaluations (best {100 * selection.best_val_r1:.2f})")
@@ -354,6 +374,8 @@ def train(cfg: Config) -> dict[str, Any]:
     except BaseException:
         monitor.close(finished=False)  # the progress bar and event files closed before the error is shown
         raise
+    finally:
+        stop.restore()
     monitor.close()
     kept = selection.best
     return {**kept["test"], "val": kept["val"], "final": {**summary(metrics), "epoch": state["epoch"]},
