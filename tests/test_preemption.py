@@ -192,3 +192,39 @@ def test_stop_signals_are_checked_names(tmp_path):
         load_config(path)
     path.write_text("run: {stop_signals: []}\n")
     assert load_config(path).run.stop_signals == []
+
+
+def test_a_frozen_rank_makes_the_other_fail_within_the_timeout_then_resume(references, digits_shards, tmp_path):
+    """A rank that stops answering (SIGSTOP: as a cut link looks to its peers) must not hang the job:
+    the other rank's next collective fails after run.dist_timeout, torchrun ends the job, and a rerun
+    resumes from the last complete checkpoint to the uninterrupted run's parameters."""
+    from test_fault_resume import _children
+
+    config, run = _config(tmp_path, "frozen", digits_shards, workers=1), tmp_path / "runs" / "frozen"
+    proc = subprocess.Popen(_command(config, 2, "run.dist_timeout=15"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while _newest(run) < 10 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before a rank could be frozen"
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    frozen = workers[-1]
+    os.kill(frozen, signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        _, stderr = proc.communicate(timeout=15 + 120)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    took = time.time() - stopped
+    assert proc.returncode != 0 and took < 15 + 60, (took, stderr[-3000:])
+    assert "timed out" in stderr.lower() or "timeout" in stderr.lower(), stderr[-3000:]
+    kept = _newest(run)
+    assert kept >= 10
+    resumed = _run(config, 2)
+    assert f"resumed from {run / 'checkpoints'}" in resumed
+    _assert_same_weights(run, references[2])
