@@ -82,3 +82,21 @@ def cluster(tmp_path_factory):
         pytest.fail(f"the namespace cluster needs {', '.join(missing)}: apt-get install them (.ci/run does)")
     with NamespaceCluster(tmp_path_factory.mktemp("cluster"), 2) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A real SLURM on a 2-node namespace cluster (tests/slurm_cluster.py): one munged, slurmctld on node0, a
+    slurmd per node (node0, node1, 2 CPUs each, partition `test`); commands through `slurm.run([...])` on
+    node0 with SLURM_CONF set. Torn down after the module. Skipped only where namespaces cannot be made;
+    missing munge/slurm packages fail, since .ci/run installs them."""
+    from slurm_cluster import SlurmCluster, cannot_make_namespaces, missing_tools
+
+    reason = cannot_make_namespaces()
+    if reason:
+        pytest.skip(reason)
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"the SLURM test cluster needs {', '.join(missing)}: apt-get install them (.ci/run does)")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm"), 2) as running:
+        yield running

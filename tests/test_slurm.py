@@ -1,0 +1,214 @@
+"""rct-dist under a real SLURM (Debian's slurm-wlm and munge) on the 2-node namespace cluster
+(tests/slurm_cluster.py, fixture `slurm`): slurmctld on node0, a slurmd per node, commands on node0.
+
+- The cluster: `sinfo` shows 2 idle nodes; `srun -N2 hostname` runs on node0 and node1.
+- `sbatch launch/slurm.sbatch transfer --config C`, the script as users get it with only its #SBATCH sizes
+  changed (2 nodes x 2 tasks, 1 CPU per task, no GPUs), runs to the end through `srun`; its exported
+  parameters and final R@1 equal the same config as 4 processes on one node (torchrun), as the 2x2 ssh
+  runs of tests/test_cluster_ssh.py do; `squeue` no longer lists it, `scontrol show job` and
+  `sacct --completion` (the jobcomp file: there is no slurmdbd) show it COMPLETED.
+- Preemption: the same job submitted with `--requeue --signal=USR1@60` and `run.resume=auto`, signalled with
+  `scancel --signal=USR1 JOB` (every task of the job step, as the time-limit signal is sent) once its first
+  checkpoint exists: every task stops with the checkpoint and exits 75, rank 0 runs `scontrol requeue`, the
+  job starts again, resumes and finishes; its parameters equal the uninterrupted run's; Restarts=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rct_dist.train.checkpoint import complete_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SCRIPT = ROOT / "launch" / "slurm.sbatch"
+# tests/test_cluster_ssh.py's transfer (ZeRO-2 across the nodes), with a checkpoint every 4 optimizer steps
+# (11 steps in the epoch at a global batch of 80) so that a signal finds one to wait for.
+CONFIG = """
+run: {{name: {name}, out_dir: {out}, seed: 5}}
+data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: 0}}
+model: {{backbone: rct_cnn3_small, embedding_size: 16}}
+teacher: {{source: model, backbone: rct_cnn4, embedding_size: 32}}
+optim: {{lr: 1.0e-3, epochs: 1}}
+deepspeed: {{config: zero2_fp32}}
+eval: {{batch_size: 256}}
+log: {{every_steps: 5, tensorboard: false, retrieval_images: 0, projector_samples: 0}}
+checkpoint: {{every_steps: 4, keep: 3}}
+"""
+RTOL, ATOL = 1e-6, 1e-7  # as tests/test_cluster_ssh.py (measured there: bitwise equal)
+# Only the sizes: 2 nodes x 2 tasks of 1 CPU (the test nodes have 2 CPUs and no GPUs), 30 minutes.
+SIZES = {"--nodes": "2", "--ntasks-per-node": "2", "--cpus-per-task": "1", "--time": "00:30:00"}
+DROPPED = ("--gpus-per-node",)  # the test nodes have no GPUs (GresTypes unset): the line goes
+
+
+def _config(tmp: Path, name: str, data: Path) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(CONFIG.format(name=name, out=tmp / "runs", data=data))
+    return path
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "export" / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=RTOL, atol=ATOL, msg=key)
+
+
+def _results(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+
+
+def _final_r1(run: Path) -> float:
+    return [r for r in _results(run) if r.get("split") == "test"][-1]["recall"]["1"]
+
+
+def _last_train_step(run: Path) -> int:
+    return [r for r in _results(run) if r.get("split") == "train"][-1]["step"]
+
+
+def _newest(run: Path) -> int:
+    found = complete_checkpoints(run / "checkpoints") if (run / "checkpoints").exists() else []
+    return found[-1][0] if found else 0
+
+
+def _sized_script(tmp: Path) -> Path:
+    """launch/slurm.sbatch with only its #SBATCH size lines changed, as docs/multinode.md tells users."""
+    lines, changed = [], set()
+    for line in SCRIPT.read_text().splitlines(keepends=True):
+        match = re.match(r"#SBATCH (--[\w-]+)=", line)
+        if match and match.group(1) in DROPPED:
+            changed.add(match.group(1))
+            continue
+        if match and match.group(1) in SIZES:
+            line = f"#SBATCH {match.group(1)}={SIZES[match.group(1)]}\n"
+            changed.add(match.group(1))
+        lines.append(line)
+    assert changed == {*SIZES, *DROPPED}, "launch/slurm.sbatch lost a #SBATCH size line"
+    path = tmp / "slurm.sbatch"
+    path.write_text("".join(lines))
+    return path
+
+
+def _submit_env(slurm) -> dict[str, str]:
+    """The submitting shell: rct-dist's environment active (sbatch exports it to the job), offline hub."""
+    env = slurm.env(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "RCT_DIST_ENTRY", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    return env
+
+
+def _submit(slurm, tmp: Path, options: list[str], *args: str) -> int:
+    """`sbatch OPTIONS <sized copy of launch/slurm.sbatch> ARGS` from the repository root, on node0."""
+    log = tmp / "rct-dist-%j.out"
+    return slurm.sbatch([f"--output={log}", "--open-mode=append", *options, str(_sized_script(tmp)), *args],
+                        env=_submit_env(slurm), cwd=ROOT)
+
+
+def _job_log(tmp: Path, job: int) -> str:
+    path = tmp / f"rct-dist-{job}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def four_process_reference(digits_shards, tmp_path_factory) -> Path:
+    """The same transfer as 4 processes on one node (this machine, torchrun), as tests/test_cluster_ssh.py."""
+    tmp = tmp_path_factory.mktemp("one-node")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+           "-m", "rct_dist.cli", "transfer", "--config", str(_config(tmp, "one_node", digits_shards))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
+                         cwd=ROOT, timeout=600, check=False)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    return tmp / "runs" / "one_node"
+
+
+# ---- the cluster
+
+def test_sinfo_shows_two_idle_nodes_and_srun_reaches_both(slurm):
+    out = slurm.check(["sinfo", "-h", "-N", "-o", "%N %t %c"])
+    assert sorted(out.splitlines()) == ["node0 idle 2", "node1 idle 2"]
+    out = slurm.check(["srun", "-N2", "hostname"])
+    assert sorted(out.split()) == ["node0", "node1"]
+    out = slurm.check(["srun", "-N2", "--ntasks-per-node=2", "sh", "-c",
+                       'echo "$SLURM_PROCID $SLURM_LOCALID $(hostname) $(hostname -I)"'])
+    assert sorted(line.strip() for line in out.splitlines()) == [
+        f"{r} {r % 2} node{r // 2} {slurm.nodes[r // 2].address}" for r in range(4)]
+
+
+# ---- the batch script
+
+def test_sbatch_script_two_nodes_equals_one_node(slurm, digits_shards, four_process_reference, tmp_path):
+    config = _config(tmp_path, "sbatch", digits_shards)
+    started = time.monotonic()
+    job = _submit(slurm, tmp_path, [], "transfer", "--config", str(config))
+    record = slurm.wait(job, timeout=900)
+    took = time.monotonic() - started
+    log = _job_log(tmp_path, job)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", f"{record}\n{log[-5000:]}"
+    print(f"sbatch job {job}: {took:.0f} s from submission to COMPLETED")
+    assert record["NodeList"] == "node[0-1]" and record["NumNodes"] == "2" and record["NumTasks"] == "4"
+    assert "rct-dist: 2 node(s) x 2 task(s), master node0:" in log
+    run = tmp_path / "runs" / "sbatch"
+    assert _last_train_step(run) == _last_train_step(four_process_reference)
+    _assert_same_weights(run, four_process_reference)
+    assert _final_r1(run) == _final_r1(four_process_reference)
+    # squeue no longer lists it; sacct reads the job completion file (no slurmdbd: plain sacct cannot)
+    assert str(job) not in slurm.check(["squeue", "-h", "-o", "%i"]).split()
+    out = slurm.check(["sacct", "--completion", "-n", "-P", "-j", str(job), "-o", "JobID,State,ExitCode,NodeList"])
+    assert out.splitlines() == [f"{job}|COMPLETED|0:0|node[0-1]"], out
+
+
+# ---- preemption: the scheduler's signal, requeue, resume
+
+def test_sigusr1_requeues_and_the_resumed_job_equals_an_uninterrupted_run(slurm, digits_shards,
+                                                                          four_process_reference, tmp_path):
+    config = _config(tmp_path, "requeued", digits_shards)
+    run = tmp_path / "runs" / "requeued"
+    job = _submit(slurm, tmp_path, ["--requeue", "--signal=USR1@60"], "transfer", "--config", str(config),
+                  "run.resume=auto")
+    deadline = time.monotonic() + 600
+    while _newest(run) < 4:  # the first periodic checkpoint, then the signal (as a time limit would send it)
+        record = slurm.job(job)
+        assert record.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), f"{record}\n{_job_log(tmp_path, job)}"
+        assert time.monotonic() < deadline, "no checkpoint after 600 s"
+        time.sleep(0.2)
+    slurm.check(["scancel", "--signal=USR1", str(job)])
+    stopped_at = None
+    while stopped_at is None:  # the stop line of the first start, then the job starts again
+        match = re.search(r"stopped on SIGUSR1 after optimizer step (\d+): .*\(SLURM job (\d+) requeued\)",
+                          _job_log(tmp_path, job))
+        if match:
+            assert int(match.group(2)) == job
+            stopped_at = int(match.group(1))
+        assert time.monotonic() < deadline, f"no stop line\n{_job_log(tmp_path, job)[-5000:]}"
+        time.sleep(0.5)
+    record = slurm.wait(job, timeout=max(60.0, deadline - time.monotonic()))
+    log = _job_log(tmp_path, job)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", f"{record}\n{log[-5000:]}"
+    assert record["Restarts"] == "1", record
+    assert 4 <= stopped_at < _last_train_step(four_process_reference)
+    # every task of the first start stopped with the checkpoint and exit code 75
+    assert re.search(r"srun: error: node0: tasks 0-1: Exited with exit code 75", log), log[-5000:]
+    assert re.search(r"srun: error: node1: tasks 2-3: Exited with exit code 75", log), log[-5000:]
+    assert log.count("rct-dist: 2 node(s) x 2 task(s)") == 2  # two starts of the batch script
+    assert f"resum" in log.lower()
+    assert _last_train_step(run) == _last_train_step(four_process_reference)
+    _assert_same_weights(run, four_process_reference)
+    assert _final_r1(run) == _final_r1(four_process_reference)
+    comp = [line for line in slurm.jobcomp.read_text().splitlines() if f"JobId={job} " in line]
+    assert [re.search(r"JobState=(\S+)", line).group(1) for line in comp] == ["REQUEUED", "COMPLETED"], comp
