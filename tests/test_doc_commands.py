@@ -720,6 +720,9 @@ BENCH_SMALL = {
     # --workers 0 alone divides by zero in synthetic_split (shards = max(workers) * 2): 0 1 is the smallest
     "bench/data_throughput.py": {"--workers": "0 1", "--batch-size": "8", "--samples": "32", "--image-size": "28"},
     "bench/resume_start.py": {"--batch-size": "8", "--image-size": "28"},
+    # a real S3 server (started by the script on 127.0.0.1); 2 shards of 20 images
+    "bench/remote_shards.py": {"--classes": "10", "--shard-size": "20", "--batch-size": "8", "--image-size": "28",
+                               "--workers": "0", "--repeats": "1"},
 }
 
 
