@@ -162,6 +162,34 @@ def test_kill_one_of_two_ranks_then_resume_with_another_worker_count(references,
     _assert_same_weights(run, references[2])
 
 
+def _test_metrics(run: Path) -> dict:
+    lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    final = [r for r in lines if r.get("split") == "test"][-1]
+    return {"epoch": final["epoch"], "recall": final["recall"], "map_at_r": final["map_at_r"]}
+
+
+@pytest.mark.parametrize("tag_step", [40, 44])
+def test_two_rank_resume_ends_with_the_uninterrupted_runs_test_metrics(references, digits_shards, tmp_path,
+                                                                         tag_step):
+    """Two ranks resumed from a mid-epoch checkpoint (step 40 of 44) and from the last one (a finished run,
+    evaluated again): the run's own final test metrics, each rank embedding its share of the test split,
+    equal the uninterrupted run's, as its exported parameters do. (Each rank's BatchNorm updates its
+    running statistics from its own batches, and a checkpoint holds rank 0's: the evaluation must use the
+    statistics the checkpoint and the export hold on every rank.)"""
+    import shutil
+
+    config = _config(tmp_path, "metrics", digits_shards, workers=2)
+    whole, run = references[2], tmp_path / "runs" / "metrics"
+    source = dict(complete_checkpoints(whole / "checkpoints"))[tag_step]
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source, run / "checkpoints" / source.name)
+    shutil.copy(whole / "config.yaml", run / "config.yaml")
+    log = _run(config, 2, "data.workers=0")
+    assert f"resumed from {run / 'checkpoints' / source.name}" in log
+    _assert_same_weights(run, whole)
+    assert _test_metrics(run) == _test_metrics(whole)
+
+
 KILL_DURING_SAVE = """
 import io, os, signal, sys
 import torch

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from rct_dist.config import resolve_deepspeed_config
@@ -206,6 +207,27 @@ def norm_statistics_to(module: nn.Module, dtype: torch.dtype) -> None:
                 stat = getattr(layer, name)
                 if stat is not None and stat.is_floating_point() and stat.dtype != dtype:
                     setattr(layer, name, stat.to(dtype))
+
+
+def replicate_buffers(module: nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers (BatchNorm running statistics and counters); a collective.
+
+    DeepSpeed keeps parameters the same on every rank (broadcast once, then averaged gradients) but, unlike
+    DDP's default `broadcast_buffers`, never buffers: in training mode each rank's BatchNorm updates its
+    running statistics from its own batches, so the ranks' statistics drift apart. A checkpoint and an
+    export hold rank 0's, and a resume gives rank 0's to every rank; an evaluation where each rank embeds
+    its share of a split with its own statistics would neither evaluate the exported model nor give a
+    resumed run the uninterrupted run's numbers. Call this before anything reads the buffers on every rank.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        data = buffer.data
+        if not data.is_contiguous():
+            data = data.contiguous()
+        dist.broadcast(data.reshape(-1).view(torch.uint8), src)  # bytes: any dtype, on any backend
+        if data is not buffer.data:
+            buffer.data.copy_(data)
 
 
 def continue_micro_steps(engine, micro: int) -> None:

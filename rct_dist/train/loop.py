@@ -33,7 +33,7 @@ from rct_dist.models.preprocess import Preprocess, preprocess_for, renormalizati
 from rct_dist.train import checkpoint
 from rct_dist.train.build import build_task, build_teacher, teacher_dim
 from rct_dist.train.engine import (build_engine, continue_micro_steps, deepspeed_config, init_distributed,
-                                  nonfinite_guard, warmup_cosine, warmup_step_decay)
+                                  nonfinite_guard, replicate_buffers, warmup_cosine, warmup_step_decay)
 from rct_dist.train.feed import DeviceFeed, prepare_models
 from rct_dist.train.monitor import Monitor, projector_sample
 from rct_dist.train.preemption import StopOnSignal, Stopped, request_requeue
@@ -129,6 +129,7 @@ def _schedule(cfg: Config, steps_per_epoch: int, total_steps: int):
 def _evaluate_and_select(cfg: Config, engine, selection: Selection, epoch: int, step: int, dtype: torch.dtype,
                          preprocess: Preprocess, monitor: Monitor, run_dir: Path) -> dict[str, Any]:
     """Test (and validation) metrics of the current student; exports it when the selection keeps it."""
+    replicate_buffers(engine.module)  # rank 0's BatchNorm statistics, the checkpoint's and the export's, on every rank
     net = engine.module.net
     metrics = run_evaluation(cfg, net, dtype, engine.device, preprocess)
     val = None
