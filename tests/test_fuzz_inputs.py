@@ -796,9 +796,11 @@ def overrides_applied_or_refused(config: str, overrides: list[str], capsys) -> s
     argv = ["configs", "--resolved", config, *overrides]
     out, line = resolved_or_refusal(argv, f"argv={argv}", capsys)
     if line is not None:
-        def names(o: str) -> bool:  # the override, its key or its section, as given or quoted
+        def names(o: str) -> bool:  # the override, its key or a leading part of it (the unknown one), quoted
             key = o.partition("=")[0].strip()
-            return any(c and c in line for c in (o, repr(o), key, repr(key.split(".")[0])))
+            parts = key.split(".")
+            prefixes = [repr(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+            return any(c and c in line for c in (o, repr(o), key, *prefixes))
 
         assert any(names(o) for o in overrides), f"the error names none of the overrides\nargv={argv}\n{line}"
         return "refused"
