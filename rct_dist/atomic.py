@@ -3,6 +3,7 @@ or a concurrent reader sees the old file or the whole new one, never half of it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -37,3 +38,12 @@ def atomic_write(path: Path, fill: Callable[[BinaryIO], object]) -> None:
         temp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The SHA-256 of a file, read in chunks (checkpoint markers, shard downloads, shard indexes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -19,7 +19,8 @@ from PIL import Image
 from rct_dist.config import ConfigError, load_config
 from rct_dist.data.epoch_plan import plan_epoch
 from rct_dist.data.loader import CacheSettings, make_loader
-from rct_dist.data.shard_cache import CorruptDownload, ShardCache, ShardSpec, sha256_file
+from rct_dist.atomic import file_sha256
+from rct_dist.data.shard_cache import CorruptDownload, ShardCache, ShardSpec
 from rct_dist.data.splits import load_index, sample_table
 from rct_dist.data.stores import AccessDenied, MissingObject, RemoteStore, StoreError, join, retrying, scheme_of
 
@@ -125,7 +126,7 @@ def test_corrupt_and_truncated_downloads_are_fetched_again(served_digits, http_s
     # flipped byte by the SHA-256 check (refetched): three GETs for one shard in the cache.
     assert cache.stats.refetches == 1 and cache.stats.downloads == 1
     assert [r.path for r in http_server.requests if r.method == "GET"] == [f"/train/{specs[0].name}"] * 3
-    assert sha256_file(cache.path(specs[0].name)) == specs[0].sha256
+    assert file_sha256(cache.path(specs[0].name)) == specs[0].sha256
     pin.release()
     assert not list((tmp_path / "c").glob(".*part*"))  # no temporary left behind
     http_server.corrupt_next(10)

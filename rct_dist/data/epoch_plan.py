@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -130,6 +131,22 @@ def _window_units(shard: np.ndarray, shards: int, labels: np.ndarray, *, batch_s
     return units
 
 
+def _passes(one_pass: Callable[[int], list[np.ndarray]], wanted: int, samples_per_epoch: int | None,
+            batch_size: int) -> np.ndarray:
+    """Units of whole passes (P x K or windows): one pass, or with `samples_per_epoch` as many passes as
+    make `wanted` units (a bounded number), cut to `wanted`."""
+    units: list[np.ndarray] = []
+    for pass_ in range(1 + 4 * max(1, wanted)):
+        more = one_pass(pass_)
+        if not more:
+            break
+        units += more
+        if len(units) >= wanted or not samples_per_epoch:
+            break
+    units = units[:wanted] if samples_per_epoch else units
+    return np.stack(units) if units else np.zeros((0, batch_size), np.int64)
+
+
 def _train_units(shard: np.ndarray, shards: int, labels: np.ndarray, *, batch_size: int, seed: int, epoch: int,
                  shuffle_buffer: int, resampled: bool, samples_per_epoch: int | None,
                  pk: tuple[int, int] | None, window_shards: int | None = None) -> np.ndarray:
@@ -139,28 +156,12 @@ def _train_units(shard: np.ndarray, shards: int, labels: np.ndarray, *, batch_si
         if resampled:
             raise ValueError("data.resampled draws samples from the whole split, which does not fit data.cache_limit "
                              "here: turn resampled off or raise data.cache_limit above the split's size")
-        units = []
-        for pass_ in range(1 + 4 * max(1, wanted)):  # a bounded number of passes
-            more = _window_units(shard, shards, labels, batch_size=batch_size, seed=seed, epoch=epoch,
-                                 window=window_shards, pk=pk, pass_=pass_)
-            if not more:
-                break
-            units += more
-            if len(units) >= wanted or not samples_per_epoch:
-                break
-        units = units[:wanted] if samples_per_epoch else units
-        return np.stack(units) if units else np.zeros((0, batch_size), np.int64)
+        return _passes(lambda pass_: _window_units(shard, shards, labels, batch_size=batch_size, seed=seed,
+                                                   epoch=epoch, window=window_shards, pk=pk, pass_=pass_),
+                       wanted, samples_per_epoch, batch_size)
     if pk:
-        units: list[np.ndarray] = []
-        for pass_ in range(1 + 4 * max(1, wanted)):  # a bounded number of passes
-            more = _pk_units(labels, *pk, seed, epoch, pass_)
-            if not more:
-                break
-            units += more
-            if len(units) >= wanted or not samples_per_epoch:
-                break
-        units = units[:wanted] if samples_per_epoch else units
-        return np.stack(units) if units else np.zeros((0, batch_size), np.int64)
+        return _passes(lambda pass_: _pk_units(labels, *pk, seed, epoch, pass_), wanted, samples_per_epoch,
+                       batch_size)
     if resampled:
         ids = _rng(seed, epoch, _RESAMPLE).integers(0, n, size=wanted * batch_size) if n else np.zeros(0, np.int64)
     else:

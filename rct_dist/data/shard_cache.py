@@ -25,7 +25,6 @@ and any unpinned one may be evicted.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import itertools
 import logging
 import os
@@ -34,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rct_dist.atomic import file_sha256
 from rct_dist.data.stores import RemoteStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,6 @@ _counter = itertools.count()
 
 class CorruptDownload(StoreError):
     """A downloaded object whose size or checksum differs from the index's, after every refetch."""
-
-
-def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -167,7 +159,7 @@ class ShardCache:
                 problem = None
                 if spec.size is not None and written != spec.size:
                     problem = f"{written} bytes, the index says {spec.size}"
-                elif spec.sha256 is not None and (digest := sha256_file(temporary)) != spec.sha256:
+                elif spec.sha256 is not None and (digest := file_sha256(temporary)) != spec.sha256:
                     problem = f"SHA-256 {digest[:12]}..., the index says {spec.sha256[:12]}..."
                 if problem is None:
                     os.replace(temporary, path)

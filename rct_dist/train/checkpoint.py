@@ -22,7 +22,6 @@ universal format (a resume on another number of ranks) runs under the same rule 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from rct_dist.atomic import atomic_write, fsync_dir
+from rct_dist.atomic import atomic_write, file_sha256, fsync_dir
 
 MARKER = "COMPLETE"
 RESAVE = ".resave"  # a save of a step whose tag is complete is written here first, then swapped in
@@ -62,20 +61,12 @@ def _tag_files(tag_folder: Path) -> list[Path]:
     return [p for p in sorted(tag_folder.rglob("*")) if p.is_file() and p.name != MARKER]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _vouch(tag_folder: Path) -> dict[str, dict[str, Any]]:
     """What a marker vouches for: every file under the tag folder (its marker aside) with its size in
     bytes (`files`) and its SHA-256 (`sha256`), from one listing of the folder."""
     files = {p.relative_to(tag_folder).as_posix(): p for p in _tag_files(tag_folder)}
     return {"files": {name: p.stat().st_size for name, p in files.items()},
-            "sha256": {name: _sha256(p) for name, p in files.items()}}
+            "sha256": {name: file_sha256(p) for name, p in files.items()}}
 
 
 def _fsync_tree(tag_folder: Path) -> None:
@@ -107,7 +98,7 @@ def damage(tag_folder: Path) -> str | None:
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, its marker says {size}"
     for name, digest in marker.get("sha256", {}).items():
-        if _sha256(tag_folder / name) != digest:
+        if file_sha256(tag_folder / name) != digest:
             return f"{name} does not have the content its marker vouches for (SHA-256 differs)"
     return None
 

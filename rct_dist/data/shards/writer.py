@@ -18,8 +18,7 @@ from typing import BinaryIO, Callable, Iterator, TypeVar
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from rct_dist.atomic import atomic_write, is_temp_name
-from rct_dist.data.shard_cache import sha256_file
+from rct_dist.atomic import atomic_write, file_sha256, is_temp_name
 from rct_dist.data.shards.images import CorruptImage
 from rct_dist.data.shards.plan import Sample, SplitPlan
 
@@ -146,7 +145,7 @@ def write_split(plan: SplitPlan, split_dir: Path, shard_size: int, workers: int,
         "shard_samples": [count for _, count, _ in results],
         # What a download of each shard from object storage is checked against (rct_dist/data/shard_cache.py).
         "shard_bytes": [(split_dir / name).stat().st_size for name in names],
-        "shard_sha256": [sha256_file(split_dir / name) for name in names],
+        "shard_sha256": [file_sha256(split_dir / name) for name in names],
         "samples": samples,
         "classes": len(plan.class_names),
         "class_names": plan.class_names,
