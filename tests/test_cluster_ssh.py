@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from cluster import NamespaceCluster
+from run_outputs import assert_same_weights as _assert_same_weights, export_weights as _weights
+from run_outputs import final_r1 as _final_r1, last_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -42,8 +42,7 @@ checkpoint: {{every_steps: 0}}
 # ZeRO-2 (gradients reduce-scattered, parameters all-gathered across the hosts). Between the 2x2 ssh job and
 # the 4-process one the ranks, their samples and the global batch are the same, and gloo reduces in rank
 # order whatever the hosts: measured, the exported parameters are bitwise equal (zero0 and zero2, pdsh and
-# openmpi). The tolerance is test_fault_resume.py's.
-RTOL, ATOL = 1e-6, 1e-7
+# openmpi). The tolerance is run_outputs.py's.
 
 
 def _config(tmp: Path, name: str, data: Path, ds: str = "zero2_fp32") -> Path:
@@ -52,29 +51,10 @@ def _config(tmp: Path, name: str, data: Path, ds: str = "zero2_fp32") -> Path:
     return path
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "export" / "model.safetensors"))
-
-
 def _max_difference(a: Path, b: Path) -> float:
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=RTOL, atol=ATOL, msg=key)
-
-
-def _results(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-
-
-def _final_r1(run: Path) -> float:
-    return [r for r in _results(run) if r.get("split") == "test"][-1]["recall"]["1"]
 
 
 def _tail(out: subprocess.CompletedProcess, n: int = 5000) -> str:
@@ -198,8 +178,7 @@ def _check_job(cluster: NamespaceCluster, launcher: list[str], folder: Path, con
     out = cluster.run(0, ["deepspeed", *launcher, "--module", "rct_dist.cli", "transfer", "--config", str(config)],
                       env=_launcher_env(), cwd=folder, timeout=600)
     assert out.returncode == 0, _tail(out)
-    last_step = [r for r in _results(reference) if r.get("split") == "train"][-1]["step"]
-    assert [r for r in _results(run) if r.get("split") == "train"][-1]["step"] == last_step
+    assert last_train_step(run) == last_train_step(reference)
     print(f"max |parameter difference| to the 4-process run: {_max_difference(run, reference):.3g}")
     _assert_same_weights(run, reference)
     assert _final_r1(run) == _final_r1(reference)

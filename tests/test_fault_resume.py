@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
+from run_outputs import assert_same_weights as _assert_same_weights, final_r1 as _final_r1
 from rct_dist.train.checkpoint import MARKER, complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,22 +109,6 @@ def _kill_after_progress(proc: subprocess.Popen, checkpoints: Path, rng: random.
         time.sleep(0.05)
     proc.wait(timeout=timeout)
     return False
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "export" / "model.safetensors"))
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-6, atol=1e-7, msg=key)
-
-
-def _final_r1(run: Path) -> float:
-    lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-    return [r for r in lines if r.get("split") == "test"][-1]["recall"]["1"]
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
+from run_outputs import assert_same_weights as _assert_same_weights, newest_checkpoint as _newest
 from rct_dist.config import ConfigError, load_config
 from rct_dist.train.checkpoint import complete_checkpoints
 from rct_dist.train.preemption import EXIT_STOPPED
@@ -58,18 +57,6 @@ def _run(config: Path, procs: int = 1, *overrides: str) -> str:
                          timeout=600, check=False, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out.stdout + out.stderr
-
-
-def _newest(run: Path) -> int:
-    found = complete_checkpoints(run / "checkpoints") if (run / "checkpoints").exists() else []
-    return found[-1][0] if found else 0
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = (load_file(str(r / "export" / "model.safetensors")) for r in (a, b))
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 def _stop_mid_epoch(config: Path, run: Path, procs: int, signals: list[int], env: dict | None = None

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from object_store import SeaweedS3
+from run_outputs import final_r1 as _final_r1, newest_checkpoint as _newest_checkpoint
+from run_outputs import assert_same_weights
 from rct_dist.data.loader import CacheSettings, make_loader
 from rct_dist.data.shards import make_shards
 from rct_dist.data.splits import load_index
-from rct_dist.train.checkpoint import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -63,29 +63,8 @@ def _run(config: Path, *overrides: str, env: dict | None = None, check: bool = T
     return out
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "export" / "model.safetensors"))
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
-
-
-def _final_r1(run: Path) -> float:
-    lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-    return [r for r in lines if r.get("split") == "test"][-1]["recall"]["1"]
-
-
 def _upload_digits(bucket_url: str, stage: Path) -> None:
     make_shards("digits", bucket_url, shard_size=100, workers=1, stage=stage)
-
-
-def _newest_checkpoint(run: Path) -> int:
-    found = complete_checkpoints(run / "checkpoints") if (run / "checkpoints").exists() else []
-    return found[-1][0] if found else 0
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +113,7 @@ def references(remote_digits, digits_shards, s3_server, tmp_path_factory) -> dic
 
 
 def test_transfer_from_s3_equals_the_same_run_from_local_shards(references):
-    _assert_same_weights(references["remote"], references["local"])
+    assert_same_weights(references["remote"], references["local"], rtol=0, atol=0)
     assert _final_r1(references["remote"]) == _final_r1(references["local"]) > 0.5
 
 
@@ -153,7 +132,7 @@ def test_kill_9_mid_epoch_with_a_remote_root_then_resume_equals_the_uninterrupte
     proc.wait(timeout=60)
     resumed = _run(config, env=s3_server.env())
     assert "resumed from" in resumed.stderr + resumed.stdout
-    _assert_same_weights(run, references["local"])
+    assert_same_weights(run, references["local"], rtol=0, atol=0)
     assert _final_r1(run) == _final_r1(references["local"])
 
 

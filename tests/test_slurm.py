@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -26,10 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from rct_dist.train.checkpoint import complete_checkpoints
+from run_outputs import assert_same_weights as _assert_same_weights, final_r1 as _final_r1
+from run_outputs import last_train_step as _last_train_step, newest_checkpoint as _newest
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -47,7 +45,7 @@ eval: {{batch_size: 256}}
 log: {{every_steps: 5, tensorboard: false, retrieval_images: 0, projector_samples: 0}}
 checkpoint: {{every_steps: 4, keep: 3}}
 """
-RTOL, ATOL = 1e-6, 1e-7  # as tests/test_cluster_ssh.py (measured there: bitwise equal)
+
 # Only the sizes: 2 nodes x 2 tasks of 1 CPU (the test nodes have 2 CPUs and no GPUs), 30 minutes.
 SIZES = {"--nodes": "2", "--ntasks-per-node": "2", "--cpus-per-task": "1", "--time": "00:30:00"}
 DROPPED = ("--gpus-per-node",)  # the test nodes have no GPUs (GresTypes unset): the line goes
@@ -57,34 +55,6 @@ def _config(tmp: Path, name: str, data: Path) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(CONFIG.format(name=name, out=tmp / "runs", data=data))
     return path
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "export" / "model.safetensors"))
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=RTOL, atol=ATOL, msg=key)
-
-
-def _results(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-
-
-def _final_r1(run: Path) -> float:
-    return [r for r in _results(run) if r.get("split") == "test"][-1]["recall"]["1"]
-
-
-def _last_train_step(run: Path) -> int:
-    return [r for r in _results(run) if r.get("split") == "train"][-1]["step"]
-
-
-def _newest(run: Path) -> int:
-    found = complete_checkpoints(run / "checkpoints") if (run / "checkpoints").exists() else []
-    return found[-1][0] if found else 0
 
 
 def _sized_script(tmp: Path) -> Path:
