@@ -434,12 +434,18 @@ def main(argv: list[str] | None = None) -> None:
         text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line, always
         print(f"rct-dist {args.command}: {text}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    except RuntimeError as error:  # too many non-finite steps in a row: what happened and what to try, one line
-        nonfinite = sys.modules.get("rct_dist.train.nonfinite")
-        if nonfinite is None or not isinstance(error, nonfinite.NonFiniteStepError):
+    except RuntimeError as error:  # too many non-finite steps in a row, or a lost rank: what happened, one line
+        nonfinite, peers = sys.modules.get("rct_dist.train.nonfinite"), sys.modules.get("rct_dist.distributed.peers")
+        lost = peers is not None and isinstance(error, peers.PeerLost)
+        if not lost and (nonfinite is None or not isinstance(error, nonfinite.NonFiniteStepError)):
             raise
         text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"rct-dist {args.command}: {text}", file=sys.stderr, flush=True)
+        if lost:  # the process group is broken: no barrier, and gloo's threads must not run at shutdown
+            import os
+
+            sys.stdout.flush()
+            os._exit(1)
         raise SystemExit(1) from None
     except BrokenPipeError:  # output piped into `head` and the like (before OSError: it is one)
         import os

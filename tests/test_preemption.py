@@ -183,7 +183,8 @@ def test_stop_signals_are_checked_names(tmp_path):
 
 def test_a_frozen_rank_makes_the_other_fail_within_the_timeout_then_resume(references, digits_shards, tmp_path):
     """A rank that stops answering (SIGSTOP: as a cut link looks to its peers) must not hang the job:
-    the other rank's next collective fails after run.dist_timeout, torchrun ends the job, and a rerun
+    the other rank's next collective fails after run.dist_timeout, it names the frozen rank in one line
+    (distributed/peers.py), torchrun ends the job, and a rerun
     resumes from the last complete checkpoint to the uninterrupted run's parameters."""
     from test_fault_resume import _children
 
@@ -209,7 +210,10 @@ def test_a_frozen_rank_makes_the_other_fail_within_the_timeout_then_resume(refer
                 pass
     took = time.time() - stopped
     assert proc.returncode != 0 and took < 15 + 60, (took, stderr[-3000:])
-    assert "timed out" in stderr.lower() or "timeout" in stderr.lower(), stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("rct-dist transfer: lost rank ")]
+    assert len(lines) == 1, stderr[-3000:]  # the other rank's one line, naming the frozen one
+    assert f"(pid {frozen}): a collective failed on rank " in lines[0] and "Timed out" in lines[0], lines[0]
+    assert lines[0].endswith("run the same command again (run.resume: auto) to go on."), lines[0]
     kept = _newest(run)
     assert kept >= 10
     resumed = _run(config, 2)

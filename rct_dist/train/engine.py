@@ -33,7 +33,15 @@ def init_distributed(timeout: float | None = None) -> World:
     world.export()
     import deepspeed
 
-    extra = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
+    extra = {}
+    if timeout:
+        extra["timeout"] = datetime.timedelta(seconds=timeout)
+        # DeepSpeed makes its own groups (data parallel, ZeRO's) with `new_group(ranks)`, no timeout, and
+        # torch gives such groups its module default (30 minutes for gloo), not the world's: the gradient
+        # all-reduce would wait half an hour for a lost rank. Every group made from here on gets ours.
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = extra["timeout"]
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False, **extra)
     return world

@@ -26,6 +26,7 @@ from rct_dist.data.loader import ShardIndex, make_loader, sample_table
 from rct_dist.data.splits import cache_settings, split_location, window_shards
 from rct_dist.data.transforms import build_transform
 from rct_dist.distributed import world_rank, world_size
+from rct_dist.distributed.peers import PeerWatch
 from rct_dist.logs import setup_logging
 from rct_dist.eval import evaluate, extract_embeddings
 from rct_dist.models import export_model
@@ -225,11 +226,24 @@ def restore_state(engine, start: Path | None, universal: bool, plan: dict[str, A
     return {**state, "world": world, "plan": plan}
 
 
+RESUME_HINT = "The newest complete checkpoint is kept: run the same command again (run.resume: auto) to go on."
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Run a teacher-training or transfer job to the end; returns on rank 0 the test metrics of the model
     it kept (`recall`, `map_at_r`; see selection.py), with `val` (its validation metrics or None), `final`
-    (the last model's test metrics), `selected_epoch`, `select`, `epochs_run` and `stopped_early`."""
-    init_distributed(cfg.run.dist_timeout)
+    (the last model's test metrics), `selected_epoch`, `select`, `epochs_run` and `stopped_early`.
+
+    A rank that leaves a multi-rank job (killed, frozen, its node cut off) ends the others with `PeerLost`,
+    whose one line names it (distributed/peers.py)."""
+    joined = init_distributed(cfg.run.dist_timeout)
+    with PeerWatch(joined.rank, joined.size, joined.master_addr, joined.master_port, hint=RESUME_HINT,
+                   expected=(Stopped,)):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict[str, Any]:
+    """train()'s body, inside the process group and the watch for lost ranks."""
     rank, world = world_rank(), world_size()
     run_dir = prepare_run_dir(cfg)
     setup_logging(rank, run_dir / "train.log")  # rank 0: INFO on stderr and appended to train.log; others: WARNING
