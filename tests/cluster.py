@@ -135,6 +135,13 @@ class NamespaceCluster:
                     pass
             time.sleep(0.1)
 
+    def cut(self, i: int) -> None:
+        """Take node i's link to the switch down: its packets stop, without a reset (a cut cable)."""
+        self._ip("link", "set", f"p{i}", "down", netns=self.switch)
+
+    def reconnect(self, i: int) -> None:
+        self._ip("link", "set", f"p{i}", "up", netns=self.switch)
+
     def popen(self, i: int, argv: list[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(i, argv), **kwargs)
 
@@ -222,6 +229,8 @@ class NamespaceCluster:
             "    PasswordAuthentication no\n"
             "    BatchMode yes\n"
             "    ConnectTimeout 10\n"
+            "    ServerAliveInterval 5\n"  # a session to a node that is cut off ends after 3 x 5 s,
+            "    ServerAliveCountMax 3\n"  # and with it the launcher's pdsh (docs/multinode.md)
             "    LogLevel ERROR\n")
         hosts = "127.0.0.1 localhost\n" + "".join(f"{n.address} {n.host}\n" for n in self.nodes)
         for node in self.nodes:

@@ -6,6 +6,10 @@ address, host name and sshd (tests/cluster.py, fixture `cluster`).
   launcher reaches node 1 through pdsh/ssh, 4 ranks train and evaluate, and the exported parameters and
   final R@1 equal a 4-process run on one node (same global batch, same data plan).
 - The same through `deepspeed --launcher openmpi` (mpirun over ssh).
+- A node cut off mid-run (its link to the switch taken down: no reset, its packets just stop): the ranks on
+  node 0 end within run.dist_timeout + the roll call, each with one line naming ranks 2-3 on node1; the
+  ranks on node1 end too, the launcher ends (ssh's keep-alive ends node1's session), and the same command
+  run again resumes from the newest complete checkpoint to the end.
 
 The environment reaches the ranks on the other node as users pass it: `.deepspeed_env` in the launch folder.
 """
@@ -16,13 +20,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from cluster import NamespaceCluster
 from run_outputs import assert_same_weights as _assert_same_weights, export_weights as _weights
-from run_outputs import final_r1 as _final_r1, last_train_step
+from run_outputs import final_r1 as _final_r1, last_train_step, newest_checkpoint
+from rct_dist.train.checkpoint import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -33,11 +39,11 @@ run: {{name: {name}, out_dir: {out}, seed: 5}}
 data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: 0}}
 model: {{backbone: rct_cnn3_small, embedding_size: 16}}
 teacher: {{source: model, backbone: rct_cnn4, embedding_size: 32}}
-optim: {{lr: 1.0e-3, epochs: 1}}
+optim: {{lr: 1.0e-3, epochs: {epochs}}}
 deepspeed: {{config: {ds}}}
 eval: {{batch_size: 256}}
 log: {{every_steps: 5, tensorboard: false, retrieval_images: 0, projector_samples: 0}}
-checkpoint: {{every_steps: 0}}
+checkpoint: {{every_steps: {every}}}
 """
 # ZeRO-2 (gradients reduce-scattered, parameters all-gathered across the hosts). Between the 2x2 ssh job and
 # the 4-process one the ranks, their samples and the global batch are the same, and gloo reduces in rank
@@ -45,9 +51,9 @@ checkpoint: {{every_steps: 0}}
 # openmpi). The tolerance is run_outputs.py's.
 
 
-def _config(tmp: Path, name: str, data: Path, ds: str = "zero2_fp32") -> Path:
+def _config(tmp: Path, name: str, data: Path, ds: str = "zero2_fp32", epochs: int = 1, every: int = 0) -> Path:
     path = tmp / f"{name}.yaml"
-    path.write_text(CONFIG.format(name=name, out=tmp / "runs", data=data, ds=ds))
+    path.write_text(CONFIG.format(name=name, out=tmp / "runs", data=data, ds=ds, epochs=epochs, every=every))
     return path
 
 
@@ -208,3 +214,63 @@ def test_deepspeed_launcher_openmpi_two_nodes_equals_one_node(cluster, digits_sh
     log = _check_job(cluster, launcher, folder, _config(tmp_path, "two_nodes_mpi", digits_shards),
                      tmp_path / "runs" / "two_nodes_mpi", four_process_reference)
     assert "mpirun -n 4 -hostfile hostfile" in log
+
+
+DIST_TIMEOUT_S = 20
+CUT_BOUND_S = DIST_TIMEOUT_S + 10 + 15 + 60  # collective timeout, roll call, ssh keep-alive (5 s x 3), slack
+
+
+def test_a_node_cut_off_mid_run_is_named_and_the_rerun_resumes(cluster, digits_shards, tmp_path):
+    folder = _launch_folder(tmp_path, cluster)
+    launcher = ["--hostfile", "hostfile", "--master_addr", cluster.nodes[0].address, "--master_port", str(MASTER_PORT)]
+    config, run = _config(tmp_path, "cut", digits_shards, ds="zero0_fp32", epochs=2, every=4), tmp_path / "runs" / "cut"
+    command = ["deepspeed", *launcher, "--module", "rct_dist.cli", "transfer", "--config", str(config),
+               "run.resume=auto", f"run.dist_timeout={DIST_TIMEOUT_S}"]
+    log = tmp_path / "cut.log"
+    with open(log, "w") as out:
+        job = cluster.popen(0, command, env=_launcher_env(), cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while newest_checkpoint(run) < 4 and job.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert job.poll() is None and newest_checkpoint(run) >= 4, log.read_text()[-4000:]
+        cluster.cut(1)
+        cut = time.time()
+        job.wait(timeout=CUT_BOUND_S + 60)
+        took = time.time() - cut
+        text = log.read_text()
+        print(f"cut -> launcher exit: {took:.1f} s")
+        assert job.returncode != 0 and took < CUT_BOUND_S, (took, text[-4000:])
+        lines = [line for line in text.splitlines() if "rct-dist transfer: " in line]
+        assert len(lines) == 2 and all(line.startswith("node0: ") for line in lines), text[-4000:]
+        verdict = lines[0].split("rct-dist transfer: ", 1)[1]
+        assert lines[1].endswith(verdict)  # both ranks of node0 say the same
+        assert verdict.startswith("lost ranks 2-3 on node1 (pids "), verdict
+        assert "Timed out" in verdict and "they do not answer within 10 s." in verdict, verdict
+        for _ in range(100):  # node1's ranks end too (they cannot reach the store: their own line goes nowhere)
+            if not _ranks_on(cluster, 1):
+                break
+            time.sleep(0.5)
+        assert not _ranks_on(cluster, 1)
+    finally:
+        cluster.kill_jobs()
+        cluster.reconnect(1)
+    kept = complete_checkpoints(run / "checkpoints")[-1][1]
+    out = cluster.run(0, command, env=_launcher_env(), cwd=folder, timeout=600)
+    assert out.returncode == 0, _tail(out)
+    assert f"resumed from {kept} " in out.stdout + out.stderr
+    assert last_train_step(run) == 2 * 11  # 901 images, 4 ranks x 20 per step: 11 steps per epoch
+
+
+def _ranks_on(cluster: NamespaceCluster, i: int) -> list[int]:
+    """PIDs of rct_dist.cli processes in node i's namespace."""
+    out = subprocess.run(["ip", "netns", "pids", cluster.nodes[i].netns], capture_output=True, text=True, check=False)
+    found = []
+    for pid in out.stdout.split():
+        try:
+            if b"rct_dist.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
