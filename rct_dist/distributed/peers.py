@@ -13,11 +13,17 @@ MASTER_ADDR:MASTER_PORT that every launcher starts; it stays up while its host l
   waits (blocking on the store, no polling) to be called. The thread answers even while the rank's main
   thread is blocked in a collective, so a live rank answers within milliseconds. A frozen or killed
   process, or a node cut off from the store, does not.
-- The first rank whose collective fails calls every rank, answers for itself and waits up to
-  `answer_within` seconds for the answers; a rank whose own error was not a communication failure (a bad
-  sample, a full disk) left that error in the store before it left, and is named with it.
-- The rank then raises `PeerLost` with one line: which ranks did not answer, on which hosts, the failed
-  collective's first line, and that the newest complete checkpoint is kept.
+- The first rank whose collective fails calls every rank, answers for itself, waits up to
+  `answer_within` seconds for the answers and writes the verdict to the store: one line naming the
+  ranks that did not answer (host and pid), the failed collective's first line, and that the newest
+  complete checkpoint is kept. A rank whose own error was not a communication failure (a bad sample, a
+  full disk) left that error in the store before it left, and is named with it instead.
+- Every other rank takes that verdict, whether its own collective has failed by then (it raises
+  `PeerLost`) or its thread was called while the main thread still waits in a collective (the thread
+  prints the line and ends the process with status 1: the collective could only time out later, and
+  checkpoints are written beside the complete ones and swapped in, so none is left damaged). All ranks
+  say the same line, within the roll call of the first failure. Rank 0, whose process serves the
+  store under most launchers, leaves last.
 
 A rank that cannot reach the store at all says so: the store lives on rank 0's host, so either that
 host is lost or this node is cut off.
@@ -142,6 +148,7 @@ class PeerWatch:
             self._answer(store)
         except Exception:  # noqa: BLE001
             pass
+        self._release()  # no thread left blocked in the store while the interpreter shuts down
         return False
 
     def _release(self) -> None:
