@@ -238,7 +238,7 @@ def train(cfg: Config) -> dict[str, Any]:
     whose one line names it (distributed/peers.py)."""
     joined = init_distributed(cfg.run.dist_timeout)
     with PeerWatch(joined.rank, joined.size, joined.master_addr, joined.master_port, hint=RESUME_HINT,
-                   expected=(Stopped,)):
+                   label=f"rct-dist {cfg.job}", expected=(Stopped,)):
         return _train(cfg)
 
 
