@@ -20,25 +20,29 @@ from pathlib import Path
 
 import pytest
 
+from multiprocess import run_ranks
 from rct_dist.distributed import free_port
 from rct_dist.distributed.peers import PeerLost, PeerWatch, _ranges, is_communication_failure
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 8  # run.dist_timeout of these jobs
+TIMEOUT_S = 30  # run.dist_timeout of these jobs (it bounds their rendezvous too: room for a busy machine)
 BOUND_S = TIMEOUT_S + 10 + 30  # the collective's timeout, the roll call, slack for a busy 2-core machine
 
 WORKER = """
 import os, sys, time
 import torch, torch.distributed as dist
+import deepspeed  # (the slow imports first: every rank then joins the store well within the timeout)
 from rct_dist.train.engine import init_distributed
 from rct_dist.distributed.peers import PeerWatch, PeerLost
 
+open(os.environ["GO"] + ".imported" + os.environ["RANK"], "w").close()
+while not all(os.path.exists(os.environ["GO"] + ".imported" + str(r)) for r in range(int(os.environ["WORLD_SIZE"]))):
+    time.sleep(0.05)
 world = init_distributed(float(os.environ["TIMEOUT_S"]))
 group = dist.new_group(list(range(world.size)))  # as DeepSpeed makes its groups: no timeout of its own
 x = torch.ones(1000)
 try:
-    with PeerWatch(world.rank, world.size, world.master_addr, world.master_port, hint="Rerun to resume.",
-                   label="LOST"):
+    with PeerWatch(world.rank, world.size, hint="Rerun to resume.", label="LOST"):
         for step in range(100000):
             dist.all_reduce(x, group=group)
             x.fill_(1.0)
@@ -138,8 +142,25 @@ def test_losing_rank_zero_takes_the_store_and_says_so(tmp_path):
 
 def test_one_rank_watch_is_inert_and_errors_pass_through():
     with pytest.raises(ValueError, match="bad"):
-        with PeerWatch(0, 1, "127.0.0.1", 1):  # nothing listens on port 1: a one-rank watch never connects
+        with PeerWatch(0, 1, address=("127.0.0.1", 1)):  # nothing listens on port 1: one rank never connects
             raise ValueError("bad")
+
+
+def test_a_group_made_without_a_tcp_store_runs_without_the_watch():
+    """run_ranks (tests/multiprocess.py) and users who call train() inside their own file:// group: the
+    store is a FileStore, so there is nothing to call the roll through; the job runs as before."""
+    values = run_ranks(_watched_all_reduce, 2)
+    assert values == [(None, 2.0), (None, 2.0)]
+
+
+def _watched_all_reduce(rank: int, world: int) -> tuple:
+    import torch
+    import torch.distributed as dist
+
+    with PeerWatch(rank, world) as watch:
+        x = torch.ones(1)
+        dist.all_reduce(x)
+    return watch.address, float(x)
 
 
 @pytest.mark.parametrize("error, expected", [

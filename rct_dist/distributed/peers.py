@@ -36,6 +36,7 @@ process group, DeepSpeed's included: see `engine.init_distributed`), then the ro
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import socket
@@ -45,6 +46,8 @@ import time
 from types import TracebackType
 
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 ANSWER_WITHIN_S = 10.0  # a live rank's thread answers in milliseconds; this allows for a loaded machine
 _BLOCK_FOR = datetime.timedelta(days=30)  # the answering thread's wait: until called or the job ends
@@ -97,14 +100,25 @@ def _named(ranks: list[int], hosts: dict[int, str]) -> str:
     return "; ".join(out)
 
 
+def rendezvous_address() -> tuple[str, int] | None:
+    """Host and port of the TCP store the default process group was made with (every launcher's env://
+    rendezvous and torchrun's agent store); None without a process group or with another store (file://)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError):
+        return None
+    base = getattr(store, "_underlying_non_prefix_store", store)
+    return (base.host, base.port) if isinstance(base, dist.TCPStore) else None
+
+
 class PeerWatch:
     """`with PeerWatch(rank, size, addr, port):` around a multi-rank job; a no-op on one rank."""
 
-    def __init__(self, rank: int, size: int, master_addr: str, master_port: int,
-                 answer_within: float = ANSWER_WITHIN_S, hint: str = "", label: str = "rct-dist",
-                 expected: tuple[type[BaseException], ...] = ()):
+    def __init__(self, rank: int, size: int, answer_within: float = ANSWER_WITHIN_S, hint: str = "",
+                 label: str = "rct-dist", expected: tuple[type[BaseException], ...] = (),
+                 address: tuple[str, int] | None = None):
         self.rank, self.size = rank, size
-        self.address = (master_addr, master_port)
+        self.address = address  # the rendezvous store; None: the process group's own, when it is a TCP store
         self.answer_within = answer_within
         self.hint = hint  # what the user does next, appended to the message
         self.label = label  # the answering thread's line starts with it, as the CLI's do
@@ -122,7 +136,11 @@ class PeerWatch:
         return dist.PrefixStore(self.prefix, store)
 
     def __enter__(self) -> PeerWatch:
-        if self.size > 1:
+        if self.size > 1 and self.address is None:
+            self.address = rendezvous_address()
+            if self.address is None:
+                log.info("no roll call for lost ranks: the process group's store is not a TCP store")
+        if self.size > 1 and self.address is not None:
             self._store = self._connect(max(30.0, self.answer_within))
             self._store.set(f"host/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
             self._thread = threading.Thread(target=self._answer_when_called, name="rct-peer-watch", daemon=True)

@@ -237,8 +237,7 @@ def train(cfg: Config) -> dict[str, Any]:
     A rank that leaves a multi-rank job (killed, frozen, its node cut off) ends the others with `PeerLost`,
     whose one line names it (distributed/peers.py)."""
     joined = init_distributed(cfg.run.dist_timeout)
-    with PeerWatch(joined.rank, joined.size, joined.master_addr, joined.master_port, hint=RESUME_HINT,
-                   label=f"rct-dist {cfg.job}", expected=(Stopped,)):
+    with PeerWatch(joined.rank, joined.size, hint=RESUME_HINT, label=f"rct-dist {cfg.job}", expected=(Stopped,)):
         return _train(cfg)
 
 
