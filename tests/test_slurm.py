@@ -13,6 +13,10 @@
   `scontrol requeue` (which ends the job's tasks at once, those that have not left with exit code 75 yet),
   the job starts again, resumes and finishes; its parameters equal the uninterrupted run's; Restarts=1,
   and the job completion file has a record of the requeued start and one of the end.
+- The time limit itself: a job submitted with `--requeue --signal=USR1@120` (the recipe of
+  docs/multinode.md) whose time limit is cut, once its first checkpoint exists, to end within 2 minutes:
+  slurmctld sends SIGUSR1 on its own, the job stops with a checkpoint, requeues itself and, its time limit
+  restored, resumes and trains to the end.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ run: {{name: {name}, out_dir: {out}, seed: 5}}
 data: {{root: {data}, image_size: 16, views: 2, pk: [5, 4], batch_size: 20, workers: 0}}
 model: {{backbone: rct_cnn3_small, embedding_size: 16}}
 teacher: {{source: model, backbone: rct_cnn4, embedding_size: 32}}
-optim: {{lr: 1.0e-3, epochs: 1}}
+optim: {{lr: 1.0e-3, epochs: {epochs}}}
 deepspeed: {{config: zero2_fp32}}
 eval: {{batch_size: 256}}
 log: {{every_steps: 5, tensorboard: false, retrieval_images: 0, projector_samples: 0}}
@@ -51,9 +55,9 @@ SIZES = {"--nodes": "2", "--ntasks-per-node": "2", "--cpus-per-task": "1", "--ti
 DROPPED = ("--gpus-per-node",)  # the test nodes have no GPUs (GresTypes unset): the line goes
 
 
-def _config(tmp: Path, name: str, data: Path) -> Path:
+def _config(tmp: Path, name: str, data: Path, epochs: int = 1) -> Path:
     path = tmp / f"{name}.yaml"
-    path.write_text(CONFIG.format(name=name, out=tmp / "runs", data=data))
+    path.write_text(CONFIG.format(name=name, out=tmp / "runs", data=data, epochs=epochs))
     return path
 
 
@@ -194,3 +198,61 @@ def test_sigusr1_requeues_and_the_resumed_job_equals_an_uninterrupted_run(slurm,
     # jobcomp/filetxt writes a record when the requeue ends the first start (with the state the job is in
     # after it: PENDING), and one at the end
     assert [re.search(r"JobState=(\S+)", line).group(1) for line in comp] == ["PENDING", "COMPLETED"], comp
+
+
+EPOCHS_TL = 20  # 11 optimizer steps each: long enough that slurmctld's signal finds the run training
+
+
+def _seconds(slurm_time: str) -> int:
+    """SLURM's [D-]HH:MM:SS as seconds."""
+    days, _, clock = slurm_time.rpartition("-")
+    h, m, sec = (int(x) for x in clock.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def test_the_time_limit_signal_stops_requeues_and_the_job_resumes_to_the_end(slurm, digits_shards, tmp_path):
+    """No scancel: slurmctld sends the signal because the time limit comes near. It checks time limits
+    about every 30 s and signals once `now + 120 s (+ up to 30) >= end`; cutting the limit to the elapsed
+    whole minutes + 2 puts the end 60-120 s ahead, so the signal comes at its next check, while the
+    20-epoch run still trains (8 epochs were over before the signal came). Once the stop line is out the
+    limit goes back to 30 minutes, so the requeued
+    start runs to the end (the scancel test above checks that a resumed job equals an uninterrupted one)."""
+    config = _config(tmp_path, "time_limit", digits_shards, epochs=EPOCHS_TL)
+    run = tmp_path / "runs" / "time_limit"
+    job = _submit(slurm, tmp_path, ["--requeue", "--signal=USR1@120"], "transfer", "--config", str(config),
+                  "run.resume=auto")
+    deadline = time.monotonic() + 600
+    while _newest(run) < 4:
+        record = slurm.job(job)
+        assert record.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), f"{record}\n{_job_log(tmp_path, job)}"
+        assert time.monotonic() < deadline, "no checkpoint after 600 s"
+        time.sleep(0.2)
+    minutes = _seconds(slurm.job(job)["RunTime"]) // 60 + 2
+    slurm.check(["scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}"])
+    cut = time.monotonic()
+    stopped_at = None
+    while stopped_at is None:
+        match = re.search(r"stopped on SIGUSR1 after optimizer step (\d+): .*\(SLURM job (\d+) requeued\)",
+                          _job_log(tmp_path, job))
+        if match:
+            stopped_at = int(match.group(1))
+        assert _last_train_step_or_0(run) < EPOCHS_TL * 11 or stopped_at, "the run ended before the time limit came near"
+        assert time.monotonic() - cut < 240, f"no stop within 240 s of the cut\n{_job_log(tmp_path, job)[-4000:]}"
+        time.sleep(0.5)
+    print(f"time limit cut to {minutes} min: SIGUSR1 stop line {time.monotonic() - cut:.0f} s later")
+    slurm.check(["scontrol", "update", f"JobId={job}", "TimeLimit=30"])
+    record = slurm.wait(job, timeout=max(60.0, deadline + 300 - time.monotonic()))
+    log = _job_log(tmp_path, job)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", f"{record}\n{log[-5000:]}"
+    assert int(record["Restarts"]) >= 1, record
+    assert f"rct-dist transfer: stopped on SIGUSR1 after optimizer step {stopped_at}" in log
+    assert f"resumed from {run / 'checkpoints'}/step{stopped_at:09d} " in log, log[-3000:]
+    assert "DUE TO TIME LIMIT" not in log  # the stop came before the limit, never the limit's kill
+    assert _last_train_step(run) == EPOCHS_TL * 11
+
+
+def _last_train_step_or_0(run: Path) -> int:
+    try:
+        return _last_train_step(run)
+    except (FileNotFoundError, IndexError):
+        return 0
