@@ -112,7 +112,7 @@ def rendezvous_address() -> tuple[str, int] | None:
 
 
 class PeerWatch:
-    """`with PeerWatch(rank, size, addr, port):` around a multi-rank job; a no-op on one rank."""
+    """`with PeerWatch(rank, size):` around a multi-rank job; a no-op on one rank or without a TCP store."""
 
     def __init__(self, rank: int, size: int, answer_within: float = ANSWER_WITHIN_S, hint: str = "",
                  label: str = "rct-dist", expected: tuple[type[BaseException], ...] = (),
