@@ -265,10 +265,10 @@ class NamespaceCluster:
                     raise RuntimeError(f"sshd of {node.host} does not listen after {timeout} s")
                 time.sleep(0.05)
 
-    def pids(self) -> list[int]:
-        """Every process in one of the cluster's network namespaces."""
+    def pids(self, node: int | None = None) -> list[int]:
+        """Every process in one of the cluster's network namespaces (only node `node`'s, when given)."""
         found = []
-        for ns in self._namespaces:
+        for ns in self._namespaces if node is None else [self.nodes[node].netns]:
             out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False)
             found += [int(p) for p in out.stdout.split()]
         return found

@@ -265,9 +265,8 @@ def test_a_node_cut_off_mid_run_is_named_and_the_rerun_resumes(cluster, digits_s
 
 def _ranks_on(cluster: NamespaceCluster, i: int) -> list[int]:
     """PIDs of rct_dist.cli processes in node i's namespace."""
-    out = subprocess.run(["ip", "netns", "pids", cluster.nodes[i].netns], capture_output=True, text=True, check=False)
     found = []
-    for pid in out.stdout.split():
+    for pid in cluster.pids(i):
         try:
             if b"rct_dist.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(int(pid))
